@@ -9,7 +9,7 @@ GOFLAGS_B := -trimpath -tags $(GOTAGS) -ldflags='-s -w'
 BIN       := bin
 PREFIX    ?= /usr
 DESTDIR   ?=
-STATICCHECK_VERSION := 2025.1.1
+STATICCHECK_VERSION := v0.8.2
 
 BINARIES := berth berthd berth-init
 .PHONY: all build test unit lint fuzz e2e check bench install deps demo vm clean

@@ -1,0 +1,84 @@
+package deploy
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/fsutil"
+	"github.com/berth-dev/berth/internal/store"
+)
+
+// SharedDir is one directory shared by all deployments: state/<Name> is
+// bound over /<Name> at boot (DESIGN §5).
+type SharedDir struct {
+	Name string // directory below state/ and below the image root
+	Perm uint32 // mode when the image does not have it
+}
+
+// DefaultShared lists the shared directories of DESIGN §5.
+var DefaultShared = []SharedDir{
+	{Name: "var", Perm: 0o755},
+	{Name: "home", Perm: 0o755},
+	{Name: "root", Perm: 0o700},
+	{Name: "srv", Perm: 0o755},
+}
+
+// SeedState creates the shared state directories that do not exist yet,
+// each a copy of the image's directory of the same name (ownership, modes,
+// xattrs kept), or an empty root-owned directory when the image has none.
+// Existing state is never touched: state is seeded on first install only.
+// A name that the image has as a symlink (e.g. Fedora's /home -> var/home)
+// is skipped: the link lives in the image and its target is shared anyway.
+// It returns the names it created. Call with the lock held.
+func SeedState(l store.Layout, root *composefs.Inode, objects string) ([]string, error) {
+	if err := fsutil.MkdirAllSync(l.State(), 0o755); err != nil {
+		return nil, err
+	}
+	var created []string
+	for _, sd := range DefaultShared {
+		dst := filepath.Join(l.State(), sd.Name)
+		if _, err := os.Lstat(dst); err == nil {
+			continue
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return created, fmt.Errorf("seed state %s: %w", dst, err)
+		}
+		src := root.Lookup(sd.Name)
+		if src != nil && !src.IsDir() {
+			if src.Type() == composefs.SIFLNK {
+				continue
+			}
+			return created, fmt.Errorf("seed state: /%s in the image is not a directory", sd.Name)
+		}
+		if src == nil {
+			src = composefs.NewDir(sd.Perm)
+		}
+		tmp, err := os.MkdirTemp(l.State(), tmpPrefix+sd.Name+"-")
+		if err != nil {
+			return created, fmt.Errorf("seed state: %w", err)
+		}
+		// MkdirTemp made the directory; ExtractTree wants to create it.
+		if err := os.Remove(tmp); err != nil {
+			return created, fmt.Errorf("seed state: %w", err)
+		}
+		if err := ExtractTree(tmp, src, objects); err != nil {
+			os.RemoveAll(tmp)
+			return created, fmt.Errorf("seed state /%s: %w", sd.Name, err)
+		}
+		if err := syncFS(tmp); err != nil {
+			os.RemoveAll(tmp)
+			return created, err
+		}
+		if err := os.Rename(tmp, dst); err != nil {
+			os.RemoveAll(tmp)
+			return created, fmt.Errorf("seed state: %w", err)
+		}
+		if err := fsutil.SyncDir(l.State()); err != nil {
+			return created, err
+		}
+		created = append(created, sd.Name)
+	}
+	return created, nil
+}

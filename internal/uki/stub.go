@@ -1,0 +1,128 @@
+package uki
+
+import (
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"runtime"
+)
+
+// efiArch maps GOARCH to the EFI architecture suffix systemd uses in file
+// names (linuxx64.efi.stub, systemd-bootaa64.efi, ...).
+func efiArch() string {
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x64"
+	case "386":
+		return "ia32"
+	case "arm64":
+		return "aa64"
+	case "riscv64":
+		return "riscv64"
+	case "loong64":
+		return "loongarch64"
+	}
+	return runtime.GOARCH
+}
+
+// StubDirs are the directories (relative to a root) where distributions
+// install systemd's EFI binaries.
+var StubDirs = []string{"usr/lib/systemd/boot/efi", "lib/systemd/boot/efi"}
+
+// ErrNoStub is wrapped when no systemd-stub is found.
+var ErrNoStub = errors.New("no systemd-stub found (install it in the image or on the host: Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned (or systemd-ukify), Arch systemd)")
+
+const maxStubSize = 16 << 20
+
+// FindStub looks for systemd-stub (linux<arch>.efi.stub) below root, e.g. an
+// image tree or os.DirFS("/") for the host, and returns its bytes and its
+// path inside root. Only a regular file of sane size that parses as a PE
+// image is accepted.
+func FindStub(root fs.FS) ([]byte, string, error) {
+	for _, dir := range StubDirs {
+		name := dir + "/linux" + efiArch() + ".efi.stub"
+		b, err := readRegular(root, name, maxStubSize)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, "", fmt.Errorf("systemd-stub %s: %w", name, err)
+		}
+		if _, err := parsePE(b); err != nil {
+			return nil, "", fmt.Errorf("systemd-stub %s: %w", name, err)
+		}
+		return b, name, nil
+	}
+	return nil, "", ErrNoStub
+}
+
+// readRegular reads a regular file from fsys, refusing anything else and
+// anything larger than limit.
+func readRegular(fsys fs.FS, name string, limit int64) ([]byte, error) {
+	fi, err := fs.Stat(fsys, name)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	}
+	if fi.Size() > limit {
+		return nil, fmt.Errorf("%d bytes, more than the %d-byte limit", fi.Size(), limit)
+	}
+	f, err := fsys.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("more than the %d-byte limit", limit)
+	}
+	return b, nil
+}
+
+// LoadSigner reads a PEM private key (PKCS#1 or PKCS#8, RSA) and a PEM
+// certificate for signing UKIs.
+func LoadSigner(keyPath, certPath string) (crypto.Signer, *x509.Certificate, error) {
+	kb, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read signing key: %w", err)
+	}
+	cb, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read signing certificate: %w", err)
+	}
+	kblk, _ := pem.Decode(kb)
+	if kblk == nil {
+		return nil, nil, fmt.Errorf("signing key %s: no PEM block", keyPath)
+	}
+	var key crypto.Signer
+	if k, err := x509.ParsePKCS1PrivateKey(kblk.Bytes); err == nil {
+		key = k
+	} else if k, err := x509.ParsePKCS8PrivateKey(kblk.Bytes); err == nil {
+		s, ok := k.(crypto.Signer)
+		if !ok {
+			return nil, nil, fmt.Errorf("signing key %s: unsupported key type %T", keyPath, k)
+		}
+		key = s
+	} else {
+		return nil, nil, fmt.Errorf("signing key %s: not a PKCS#1 or PKCS#8 private key", keyPath)
+	}
+	cblk, _ := pem.Decode(cb)
+	if cblk == nil || cblk.Type != "CERTIFICATE" {
+		return nil, nil, fmt.Errorf("signing certificate %s: no PEM CERTIFICATE block", certPath)
+	}
+	cert, err := x509.ParseCertificate(cblk.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("signing certificate %s: %w", certPath, err)
+	}
+	return key, cert, nil
+}

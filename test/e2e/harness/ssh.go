@@ -1,0 +1,98 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// SSHKey is a key pair generated for one run; the guest gets the public half through
+// `berth install to-disk --root-ssh-authorized-keys`.
+type SSHKey struct {
+	Private, Public string // file paths
+}
+
+// NewSSHKey generates an ed25519 key without passphrase in dir.
+func NewSSHKey(ctx context.Context, dir string) (*SSHKey, error) {
+	k := &SSHKey{Private: filepath.Join(dir, "id_ed25519"), Public: filepath.Join(dir, "id_ed25519.pub")}
+	os.Remove(k.Private)
+	os.Remove(k.Public)
+	if out, err := run(ctx, 30*time.Second, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "berth-e2e", "-f", k.Private); err != nil {
+		return nil, fmt.Errorf("ssh-keygen: %w: %s", err, out)
+	}
+	return k, nil
+}
+
+// SSHArgs are the ssh options for this VM: a throwaway host key check (each run's guest
+// is new), batch mode, bounded connect and keepalive times.
+func (v *VM) SSHArgs() []string {
+	return []string{"-i", v.m.Key.Private, "-p", strconv.Itoa(v.SSHPort),
+		"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+		"-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
+		"-o", "LogLevel=ERROR", "root@127.0.0.1"}
+}
+
+// SSHResult is the outcome of one remote command.
+type SSHResult struct {
+	Stdout, Stderr string
+	ExitCode       int // -1 when ssh itself failed to connect or timed out
+}
+
+// Run runs a shell command in the guest (bounded by timeout) and returns its output.
+// err is set for a connection failure or a non-zero exit.
+func (v *VM) Run(ctx context.Context, timeout time.Duration, command string) (SSHResult, error) {
+	args := append([]string{"-k", "5", secs(timeout), "ssh"}, v.SSHArgs()...)
+	args = append(args, "--", command)
+	cmd := exec.CommandContext(ctx, "timeout", args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := SSHResult{Stdout: stdout.String(), Stderr: stderr.String()}
+	if err != nil {
+		res.ExitCode = -1
+		if ee, ok := err.(*exec.ExitError); ok {
+			res.ExitCode = ee.ExitCode()
+		}
+		// ssh exits 255 for its own failures; timeout exits 124/137.
+		return res, fmt.Errorf("ssh %q: exit %d: %s", command, res.ExitCode, strings.TrimSpace(res.Stderr))
+	}
+	return res, nil
+}
+
+// SSH runs a command with a 2-minute bound and returns its stdout.
+func (v *VM) SSH(ctx context.Context, command string) (string, error) {
+	res, err := v.Run(ctx, 2*time.Minute, command)
+	return res.Stdout, err
+}
+
+// WaitSSH retries until the guest answers over SSH, qemu exits, or timeout passes. It
+// returns the time from qemu start to the first successful login.
+func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration, error) {
+	deadline := time.Now().Add(timeout)
+	var last error
+	for attempt := 1; time.Now().Before(deadline); attempt++ {
+		if v.Exited() {
+			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
+		}
+		if _, err := v.Run(ctx, 30*time.Second, "true"); err == nil {
+			at := time.Since(v.Started)
+			v.m.logf("%s: ssh up after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
+			return at, nil
+		} else {
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-v.done:
+		case <-time.After(3 * time.Second):
+		}
+	}
+	return 0, fmt.Errorf("%s: no SSH within %s (last error: %v)", v.Label, timeout, last)
+}
