@@ -134,11 +134,12 @@ func (im *Image) Size() int { return len(im.data) }
 
 func (im *Image) blksz() uint64 { return 1 << im.blkszbits }
 
-// slice returns data[off:off+n] or an error when it is out of bounds.
-func (im *Image) slice(off, n uint64, what string) ([]byte, error) {
+// slice returns data[off:off+n] or an error when it is out of bounds;
+// what and nid describe the range (formatted only on error).
+func (im *Image) slice(off, n uint64, what string, nid uint64) ([]byte, error) {
 	l := uint64(len(im.data))
 	if off > l || n > l-off {
-		return nil, corrupt("%s at %d+%d is beyond the end of the image (%d bytes)", what, off, n, l)
+		return nil, corrupt("inode %d: %s at %d+%d is beyond the end of the image (%d bytes)", nid, what, off, n, l)
 	}
 	return im.data[off : off+n], nil
 }
@@ -182,7 +183,7 @@ func (im *Image) inode(nid uint64) (*rawInode, error) {
 		return nil, corrupt("inode nid %d out of range", nid)
 	}
 	off := uint64(im.metaBlkaddr)<<im.blkszbits + nid*32
-	b, err := im.slice(off, 32, fmt.Sprintf("inode %d", nid))
+	b, err := im.slice(off, 32, "inode", nid)
 	if err != nil {
 		return nil, err
 	}
@@ -193,7 +194,7 @@ func (im *Image) inode(nid uint64) (*rawInode, error) {
 		return nil, corrupt("inode %d: unknown format bits %#x", nid, format)
 	}
 	if ri.extended {
-		if b, err = im.slice(off, 64, fmt.Sprintf("extended inode %d", nid)); err != nil {
+		if b, err = im.slice(off, 64, "extended inode", nid); err != nil {
 			return nil, err
 		}
 		ri.mode = uint32(le.Uint16(b[4:]))
@@ -229,7 +230,7 @@ func (im *Image) inode(nid uint64) (*rawInode, error) {
 	default:
 		return nil, corrupt("inode %d: invalid file type in mode %#o", nid, ri.mode)
 	}
-	if _, err := im.slice(ri.off, ri.coreSize()+ri.xattrSize(), fmt.Sprintf("inode %d xattrs", nid)); err != nil {
+	if _, err := im.slice(ri.off, ri.coreSize()+ri.xattrSize(), "xattrs", nid); err != nil {
 		return nil, err
 	}
 	return ri, nil
@@ -248,7 +249,7 @@ func (im *Image) inodeData(ri *rawInode, limit uint64) ([]byte, error) {
 	bs := im.blksz()
 	switch ri.layout {
 	case layoutFlatPlain:
-		return im.slice(uint64(ri.iu)<<im.blkszbits, size, fmt.Sprintf("inode %d data", ri.nid))
+		return im.slice(uint64(ri.iu)<<im.blkszbits, size, "data", ri.nid)
 	case layoutFlatInline:
 		full := (size+bs-1)/bs - 1 // blocks before the inline tail
 		tail := size - full*bs
@@ -256,14 +257,14 @@ func (im *Image) inodeData(ri *rawInode, limit uint64) ([]byte, error) {
 		if t%bs+tail > bs {
 			return nil, corrupt("inode %d: inline data crosses a block boundary", ri.nid)
 		}
-		tb, err := im.slice(t, tail, fmt.Sprintf("inode %d inline data", ri.nid))
+		tb, err := im.slice(t, tail, "inline data", ri.nid)
 		if err != nil {
 			return nil, err
 		}
 		if full == 0 {
 			return tb, nil
 		}
-		hb, err := im.slice(uint64(ri.iu)<<im.blkszbits, full*bs, fmt.Sprintf("inode %d data", ri.nid))
+		hb, err := im.slice(uint64(ri.iu)<<im.blkszbits, full*bs, "data", ri.nid)
 		if err != nil {
 			return nil, err
 		}
@@ -285,7 +286,7 @@ func (im *Image) inodeData(ri *rawInode, limit uint64) ([]byte, error) {
 			if addr == erofsNullAddr {
 				continue // hole: zeros
 			}
-			b, err := im.slice(uint64(addr)<<im.blkszbits, n, fmt.Sprintf("inode %d chunk %d", ri.nid, i))
+			b, err := im.slice(uint64(addr)<<im.blkszbits, n, "chunk", ri.nid)
 			if err != nil {
 				return nil, err
 			}
@@ -317,7 +318,7 @@ func (im *Image) chunks(ri *rawInode) ([]uint32, uint, error) {
 	if esize == 8 {
 		start = (start + 7) &^ 7 // the index array is 8-byte aligned
 	}
-	b, err := im.slice(start, n*esize, fmt.Sprintf("inode %d chunk table", ri.nid))
+	b, err := im.slice(start, n*esize, "chunk table", ri.nid)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -346,7 +347,7 @@ func (im *Image) xattrs(ri *rawInode) ([]Xattr, error) {
 	if ri.icount == 0 {
 		return nil, nil
 	}
-	body, err := im.slice(ri.off+ri.coreSize(), ri.xattrSize(), fmt.Sprintf("inode %d xattrs", ri.nid))
+	body, err := im.slice(ri.off+ri.coreSize(), ri.xattrSize(), "xattrs", ri.nid)
 	if err != nil {
 		return nil, err
 	}

@@ -399,7 +399,15 @@ func TestCheckCatchesInconsistencies(t *testing.T) {
 	}
 	// Root directory nlink off by one.
 	b = append([]byte(nil), img...)
-	binary.LittleEndian.PutUint16(b[1152+6:], binary.LittleEndian.Uint16(b[1152+6:])+1)
+	ri, err := im.inode(im.rootNid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ri.extended {
+		binary.LittleEndian.PutUint32(b[ri.off+44:], ri.nlink+1)
+	} else {
+		binary.LittleEndian.PutUint16(b[ri.off+6:], uint16(ri.nlink+1))
+	}
 	im3, _ := ParseImage(b)
 	if err := im3.Check(); err == nil || !strings.Contains(err.Error(), "nlink") {
 		t.Errorf("wrong nlink: Check = %v", err)

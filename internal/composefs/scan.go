@@ -3,8 +3,6 @@ package composefs
 import (
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -356,23 +354,34 @@ func (w *scanWorker) getxattr(path, key string) ([]byte, error) {
 }
 
 // readFile reads a small file inline, or hashes a larger one (and adds
-// it to the object store).
+// it to the object store). Raw descriptors keep os.File's per-file
+// bookkeeping out of this hot path.
 func (w *scanWorker) readFile(j scanJob) error {
 	n := j.node
-	f, err := os.OpenFile(j.path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	fd, err := openNoatime(j.path)
 	if err != nil {
 		return fmt.Errorf("scan %s: %w", j.path, err)
 	}
-	defer f.Close()
+	defer unix.Close(fd)
 	if n.Size <= inlineMax {
 		buf := w.inbuf[:n.Size]
-		if _, err := io.ReadFull(f, buf); err != nil {
-			return fmt.Errorf("scan %s: read: %w (the file changed while scanning?)", j.path, err)
+		for off := 0; off < len(buf); {
+			k, err := unix.Pread(fd, buf[off:], int64(off))
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("scan %s: read: %w", j.path, err)
+			}
+			if k == 0 {
+				return fmt.Errorf("scan %s: file shrank while scanning", j.path)
+			}
+			off += k
 		}
 		n.Inline = append([]byte(nil), buf...)
 		return nil
 	}
-	if err := w.hasher.ReadFile(f, int64(n.Size), j.sparse); err != nil {
+	if err := w.hasher.ReadFd(fd, j.path, int64(n.Size), j.sparse); err != nil {
 		return fmt.Errorf("scan: %w", err)
 	}
 	n.Digest = w.hasher.Sum()
@@ -383,4 +392,15 @@ func (w *scanWorker) readFile(j scanJob) error {
 		}
 	}
 	return nil
+}
+
+// openNoatime opens a file for reading without updating its access time
+// when allowed (owner or CAP_FOWNER), so scanning does not dirty inodes.
+func openNoatime(path string) (int, error) {
+	const flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	fd, err := unix.Open(path, flags|unix.O_NOATIME, 0)
+	if errors.Is(err, unix.EPERM) {
+		fd, err = unix.Open(path, flags, 0)
+	}
+	return fd, err
 }

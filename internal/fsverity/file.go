@@ -3,7 +3,6 @@ package fsverity
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -46,11 +45,15 @@ func DigestFile(path string, alg Algorithm) ([]byte, error) {
 // if f is shorter than size. h keeps its read buffer, so reusing one
 // Hasher for many files does not allocate per file.
 func (h *Hasher) ReadFile(f *os.File, size int64, sparse bool) error {
+	return h.ReadFd(int(f.Fd()), f.Name(), size, sparse)
+}
+
+// ReadFd is ReadFile on a raw file descriptor; name is used in errors.
+func (h *Hasher) ReadFd(fd int, name string, size int64, sparse bool) error {
 	h.Reset()
 	if h.rbuf == nil {
 		h.rbuf = make([]byte, readBufSize)
 	}
-	fd := int(f.Fd())
 	var off int64
 	for off < size {
 		dataEnd := size
@@ -63,7 +66,7 @@ func (h *Hasher) ReadFile(f *os.File, size int64, sparse bool) error {
 				sparse = false // no hole support: read everything
 				data = off
 			case err != nil:
-				return fmt.Errorf("fs-verity digest %s: seek data: %w", f.Name(), err)
+				return fmt.Errorf("fs-verity digest %s: seek data: %w", name, err)
 			}
 			data = min(data, size)
 			if data > off {
@@ -76,22 +79,25 @@ func (h *Hasher) ReadFile(f *os.File, size int64, sparse bool) error {
 			if sparse {
 				hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
 				if err != nil {
-					return fmt.Errorf("fs-verity digest %s: seek hole: %w", f.Name(), err)
+					return fmt.Errorf("fs-verity digest %s: seek hole: %w", name, err)
 				}
 				dataEnd = min(hole, size)
 			}
 		}
 		for off < dataEnd {
 			want := min(int64(len(h.rbuf)), dataEnd-off)
-			n, err := f.ReadAt(h.rbuf[:want], off)
+			n, err := unix.Pread(fd, h.rbuf[:want], off)
+			if err != nil {
+				if errors.Is(err, unix.EINTR) {
+					continue
+				}
+				return fmt.Errorf("fs-verity digest %s: read: %w", name, err)
+			}
+			if n == 0 {
+				return fmt.Errorf("fs-verity digest %s: file shrank while hashing (read %d of %d bytes)", name, off, size)
+			}
 			h.Write(h.rbuf[:n])
 			off += int64(n)
-			if err != nil {
-				if errors.Is(err, io.EOF) {
-					return fmt.Errorf("fs-verity digest %s: file shrank while hashing (read %d of %d bytes)", f.Name(), off, size)
-				}
-				return fmt.Errorf("fs-verity digest %s: %w", f.Name(), err)
-			}
 		}
 	}
 	return nil

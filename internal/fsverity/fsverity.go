@@ -97,6 +97,9 @@ type Hasher struct {
 	// hashed with these instead of reading and hashing zeros.
 	zero [][]byte
 	rbuf []byte // read buffer of ReadFile, kept across files
+	// scratch is where Sum pads partial blocks, so Sum neither allocates
+	// nor disturbs the state.
+	scratch [BlockSize]byte
 }
 
 // New returns a Hasher for alg. It panics on an unknown algorithm, which
@@ -240,38 +243,61 @@ func (h *Hasher) WriteZeros(n uint64) {
 }
 
 // Sum returns the fs-verity file digest of the data written so far. It
-// does not change h; writing may continue afterwards.
+// does not change h; writing may continue afterwards. It allocates only
+// the returned digest.
 func (h *Hasher) Sum() []byte {
 	hs := h.alg.Size()
-	root := make([]byte, hs) // an empty file has an all-zero root hash
+	var root [sha512.Size]byte // an empty file has an all-zero root hash
 	if h.size > 0 {
-		// Finish the tree on a copy so h stays usable.
-		c := &Hasher{alg: h.alg, size: h.size, fill: h.fill, data: h.data, zero: h.zero[:len(h.zero):len(h.zero)]}
-		for _, l := range h.levels {
-			cl := *l
-			c.levels = append(c.levels, &cl)
+		// Walk up the tree with one pending hash ("carry") that would be
+		// appended to each level: the partial data block first, then each
+		// partial hash block in turn. The first level that would hold
+		// exactly one hash holds the root hash.
+		var carry [sha512.Size]byte
+		hasCarry := false
+		if h.fill > 0 {
+			copy(h.scratch[:], h.data[:h.fill])
+			clear(h.scratch[h.fill:])
+			h.alg.hashBlock(carry[:hs], h.scratch[:])
+			hasCarry = true
 		}
-		if c.fill > 0 {
-			clear(c.data[c.fill:])
-			var sum [sha512.Size]byte
-			c.alg.hashBlock(sum[:hs], c.data[:])
-			c.addHash(0, sum[:hs])
-		}
-		// Walk up: the first level that received exactly one hash holds
-		// the root hash (the hash of the single block below it). Partial
-		// blocks on the way are padded and hashed upwards.
 		for i := 0; ; i++ {
-			l := c.level(i)
-			if l.count == 1 {
-				copy(root, l.buf[:hs])
+			if i > 64 {
+				panic("fsverity: Merkle tree walk did not reach a root")
+			}
+			var l *level
+			if i < len(h.levels) {
+				l = h.levels[i]
+			} else {
+				l = &level{}
+			}
+			count := l.count
+			if hasCarry {
+				count++
+			}
+			if count == 1 {
+				if hasCarry {
+					copy(root[:], carry[:hs])
+				} else {
+					copy(root[:], l.buf[:hs])
+				}
 				break
 			}
-			if l.fill > 0 {
-				c.flushLevel(i)
+			if l.fill == 0 && !hasCarry {
+				continue // everything at this level was already pushed up
 			}
+			copy(h.scratch[:], l.buf[:l.fill])
+			n := l.fill
+			if hasCarry {
+				copy(h.scratch[n:], carry[:hs])
+				n += hs
+			}
+			clear(h.scratch[n:])
+			h.alg.hashBlock(carry[:hs], h.scratch[:])
+			hasCarry = true
 		}
 	}
-	return descriptorDigest(h.alg, h.size, root)
+	return descriptorDigest(h.alg, h.size, root[:hs])
 }
 
 // descriptorDigest hashes the 256-byte fs_verity_descriptor.

@@ -94,7 +94,7 @@ func applyEntry(root *composefs.Inode, e *Entry) error {
 			if err != nil {
 				return fmt.Errorf("layer index entry %q: bad digest: %w", e.Path, err)
 			}
-			n.Digest, n.Payload = d, payloadPath(e.Digest)
+			n.Digest, n.Payload = d, composefs.PayloadPath(d)
 		case len(e.Inline) > 0:
 			if uint64(len(e.Inline)) != e.Size {
 				return fmt.Errorf("layer index entry %q: inline content is %d bytes, size %d", e.Path, len(e.Inline), e.Size)

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"strings"
-
-	"github.com/berth-dev/berth/internal/composefs"
 )
 
 // Limits applied to every layer. They are far above what real images use
@@ -361,8 +359,3 @@ func humanBytes(n int64) string {
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
-
-// payloadPath is the object's path relative to the object store.
-func payloadPath(hexDigest string) string { return hexDigest[:2] + "/" + hexDigest[2:] }
-
-var _ = composefs.SIFREG

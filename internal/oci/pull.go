@@ -369,6 +369,14 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 	if err := fetchLayers(ctx, src, toFetch, batch, opts, stats); err != nil {
 		return nil, err
 	}
+	// The tree is built before anything is committed, so an image whose
+	// layers do not fit together leaves no trace in the store.
+	root := NewRoot()
+	for i, j := range order {
+		if err := applyLayer(root, j.entries); err != nil {
+			return nil, fmt.Errorf("layer %d (%s): %w", i, j.info.Digest, err)
+		}
+	}
 	if err := batch.Commit(); err != nil {
 		return nil, fmt.Errorf("commit objects: %w", err)
 	}
@@ -377,13 +385,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 	for _, j := range toFetch {
 		if err := saveLayerIndex(sysroot, &LayerIndex{Version: layerIndexVersion, DiffID: j.diffID.String(), Entries: j.entries}); err != nil {
 			return nil, fmt.Errorf("save index of layer %s: %w", j.diffID, err)
-		}
-	}
-
-	root := NewRoot()
-	for i, j := range order {
-		if err := applyLayer(root, j.entries); err != nil {
-			return nil, fmt.Errorf("layer %d (%s): %w", i, j.info.Digest, err)
 		}
 	}
 	kernels, err := FindKernels(root)

@@ -125,7 +125,8 @@ type testImage struct {
 	configRaw     []byte
 	diffIDs       []string
 	layerDigests  []string // manifest digests to claim instead of the real ones
-	blobOverrides map[int][]byte
+	blobOverrides map[int][]byte // content served under the original digest
+	honestBlobs   map[int][]byte // content served under its own digest
 }
 
 type builtImage struct {
@@ -151,6 +152,9 @@ func (ti *testImage) build(t testing.TB) *builtImage {
 			how = ti.compression[i]
 		}
 		blob := compressBlob(t, l, how)
+		if ti.honestBlobs != nil && ti.honestBlobs[i] != nil {
+			blob = ti.honestBlobs[i]
+		}
 		d := sha(blob)
 		if ti.blobOverrides != nil && ti.blobOverrides[i] != nil {
 			blob = ti.blobOverrides[i]

@@ -40,7 +40,11 @@ func (s *setup) seal() error {
 		return nil
 	}
 	if err != nil {
-		return &Error{Reason: "sealing the repository with fs-verity failed", Fix: "check the root filesystem (fsck); the next boot retries", Err: err}
+		fix := "check the root filesystem (fsck); the next boot retries"
+		if errors.Is(err, unix.EINVAL) {
+			fix = "the kernel refused fs-verity with 4096-byte Merkle blocks: the root filesystem's block size is probably smaller (ext4 made with -b 1024, the mke2fs default below 512 MiB); reinstall onto a filesystem made with -b 4096 -O verity, or boot with berth.composefs=?<digest> (insecure)"
+		}
+		return &Error{Reason: "sealing the repository with fs-verity failed", Fix: fix, Err: err}
 	}
 	s.rec.SealedFiles = res.Enabled
 	for _, m := range res.Mismatch {

@@ -226,7 +226,13 @@ func (s *setup) run() error {
 		if d == "" {
 			continue
 		}
-		if err := mkdirNoSymlinks(s.o.Sysroot, d); err != nil {
+		var err error
+		if a.Local == cmdline.LocalTransient {
+			err = os.MkdirAll(d, 0o755) // on berth's own tmpfs
+		} else {
+			err = mkdirNoSymlinks(s.o.Sysroot, d)
+		}
+		if err != nil {
 			return &Error{Reason: "cannot create the writable layer " + d, Fix: "check the root filesystem (full? read-only?)", Err: err}
 		}
 	}

@@ -55,8 +55,8 @@ type peImage struct {
 	sectAlign uint32
 }
 
-func (p *peImage) u16(off int) uint16     { return binary.LittleEndian.Uint16(p.data[off:]) }
-func (p *peImage) u32(off int) uint32     { return binary.LittleEndian.Uint32(p.data[off:]) }
+func (p *peImage) u16(off int) uint16      { return binary.LittleEndian.Uint16(p.data[off:]) }
+func (p *peImage) u32(off int) uint32      { return binary.LittleEndian.Uint32(p.data[off:]) }
 func (p *peImage) put16(off int, v uint16) { binary.LittleEndian.PutUint16(p.data[off:], v) }
 func (p *peImage) put32(off int, v uint32) { binary.LittleEndian.PutUint32(p.data[off:], v) }
 

@@ -2,9 +2,9 @@ package uki
 
 import (
 	"bytes"
-	"fmt"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"

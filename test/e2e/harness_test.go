@@ -76,7 +76,7 @@ func TestHarness(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer vm.Kill()
-		at, err := vm.WaitSSH(ctx, 8*time.Minute)
+		at, err := vm.WaitSSH(ctx, 12*time.Minute)
 		if err != nil {
 			failWithLogs(t, vm, "%v", err)
 		}

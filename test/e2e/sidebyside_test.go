@@ -36,7 +36,7 @@ func (g *guest) sideBySide(t *testing.T) {
 		}
 		g.stop(t)
 		vm, err := g.m.Boot(ctx, harness.BootOptions{Label: "dracut", Timeout: bootTimeout,
-			Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: initrd, Append: g.uki.Cmdline}})
+			Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: initrd, Append: g.directCmdline()}})
 		if err != nil {
 			t.Fatal(err)
 		}

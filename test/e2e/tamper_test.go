@@ -87,7 +87,7 @@ func (g *guest) scenarioTamperImage(t *testing.T) bool {
 			}
 		}()
 		vm, err := g.m.Boot(ctx, harness.BootOptions{Label: "5-tampered-image", Timeout: bootTimeout,
-			Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: g.uki.Initrd, Append: g.uki.Cmdline}})
+			Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: g.uki.Initrd, Append: g.directCmdline()}})
 		if err != nil {
 			t.Fatal(err)
 		}

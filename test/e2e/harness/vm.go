@@ -44,11 +44,29 @@ type Machine struct {
 	boots  int
 }
 
-// NewMachine prepares a machine's directory, a writable copy of the OVMF variable store
-// and a manufactured sha256-only vTPM (fewer banks = less hashing in firmware under TCG).
+// NewMachine prepares a machine's directory, a fresh writable copy of the OVMF variable
+// store and a freshly manufactured sha256-only vTPM (fewer banks = less hashing in firmware
+// under TCG).
 func NewMachine(ctx context.Context, dir, name, disk string, key *SSHKey, accel Accel) (*Machine, error) {
+	return newMachine(ctx, dir, name, disk, key, accel, false)
+}
+
+// OpenMachine is NewMachine that keeps the variable store and TPM state of an earlier run in
+// dir (make demo, then make vm: the same machine).
+func OpenMachine(ctx context.Context, dir, name, disk string, key *SSHKey, accel Accel) (*Machine, error) {
+	return newMachine(ctx, dir, name, disk, key, accel, true)
+}
+
+func newMachine(ctx context.Context, dir, name, disk string, key *SSHKey, accel Accel, keep bool) (*Machine, error) {
 	m := &Machine{Name: name, Dir: dir, Disk: disk, Key: key, Accel: accel,
 		vars: filepath.Join(dir, name+"-OVMF_VARS.fd"), tpmDir: filepath.Join(dir, name+"-tpm")}
+	if keep {
+		_, errV := os.Stat(m.vars)
+		_, errT := os.Stat(filepath.Join(m.tpmDir, "tpm2-00.permall"))
+		if errV == nil && errT == nil {
+			return m, nil
+		}
+	}
 	if err := os.MkdirAll(m.tpmDir, 0o700); err != nil {
 		return nil, fmt.Errorf("machine %s: %w", name, err)
 	}
@@ -88,9 +106,9 @@ type BootOptions struct {
 	Direct  *DirectBoot   // nil = full UEFI: OVMF → the disk's ESP (systemd-boot → UKI)
 	Timeout time.Duration // hard bound on the qemu process; default 15 min
 	NoTPM   bool
-	// Interactive connects the serial console to the terminal (make vm); no SSH forward
-	// bookkeeping, no capture.
+	// Interactive connects the serial console to the terminal (make vm); no capture.
 	Interactive bool
+	SSHPort     int // host port forwarded to the guest's port 22; 0 = pick a free one
 }
 
 // VM is one running qemu.
@@ -120,7 +138,7 @@ type SerialLine struct {
 
 // ansi matches terminal control sequences (CSI, OSC, charset) that systemd and the
 // firmware write to the console.
-var ansi = regexp.MustCompile(`\x1b\[[0-9;?!>]*[a-zA-Z]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|\x1b[()][0-9A-Za-z]|\x1b[=>c]`)
+var ansi = regexp.MustCompile(`\x1b\[[0-9;?!>=]*[a-zA-Z]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|\x1b[()][0-9A-Za-z]|\x1b[=>c]`)
 
 // Boot starts qemu for this machine.
 func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
@@ -134,9 +152,12 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 	base := filepath.Join(m.Dir, m.Name+"-"+o.Label)
 	v := &VM{m: m, Label: o.Label, Serial: base + "-serial.log", QemuLog: base + "-qemu.log",
 		TPMLog: base + "-swtpm.log", done: make(chan struct{}), notify: make(chan struct{})}
-	port, err := FreePort()
-	if err != nil {
-		return nil, err
+	port := o.SSHPort
+	if port == 0 {
+		var err error
+		if port, err = FreePort(); err != nil {
+			return nil, err
+		}
 	}
 	v.SSHPort = port
 	args := m.Accel.QemuArgs()

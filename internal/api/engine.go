@@ -1,0 +1,445 @@
+package api
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/berth-dev/berth/internal/boot"
+	"github.com/berth-dev/berth/internal/cmdline"
+	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/oci"
+	"github.com/berth-dev/berth/internal/progress"
+	"github.com/berth-dev/berth/internal/runtime"
+	"github.com/berth-dev/berth/internal/store"
+)
+
+// JobContext is what a running job offers the engine.
+type JobContext interface {
+	// Progress reports the job's current phase and how far it is.
+	Progress(phase string, done, total uint64)
+	// Created journals a deployment the job made, so that recovery after
+	// a crash can remove it if no boot entry refers to it yet.
+	Created(id string) error
+}
+
+// UpgradeOptions are the a{sv} options of Upgrade and Switch.
+type UpgradeOptions struct {
+	Check bool   // only look for an update ("check")
+	Apply bool   // reboot into it when staged ("apply")
+	Local string // "keep" (default) or "drop" ("local")
+}
+
+// Engine does the work of the jobs. berthd uses SysrootEngine; tests may
+// use an engine that blocks deterministically.
+type Engine interface {
+	Status() (*Host, error)
+	Upgrade(ctx context.Context, job JobContext, opts UpgradeOptions) (summary string, err error)
+	Switch(ctx context.Context, job JobContext, ref string, opts UpgradeOptions) (summary string, err error)
+	Rollback(ctx context.Context, job JobContext) (summary string, err error)
+	Cleanup(ctx context.Context, job JobContext) (summary string, err error)
+	Pin(id string, pinned bool) error
+	Diff(id string) (string, error)
+}
+
+// ErrNotImplemented is wrapped by steps berth cannot do yet.
+var ErrNotImplemented = errors.New("not implemented yet")
+
+// SysrootEngine is the real engine: it works on the berth installation
+// below Sysroot with internal/oci, internal/deploy and internal/boot.
+type SysrootEngine struct {
+	Sysroot string
+	ESP     string // "" = FindESP(Sysroot)
+	// PolicyPath and InsecureTLS are passed to oci.Pull.
+	PolicyPath  string
+	InsecureTLS bool
+}
+
+func (e *SysrootEngine) layout() store.Layout { return store.At(e.Sysroot) }
+
+func (e *SysrootEngine) espDir() string {
+	if e.ESP != "" {
+		return e.ESP
+	}
+	return FindESP(e.sysroot())
+}
+
+func (e *SysrootEngine) sysroot() string {
+	if e.Sysroot == "" {
+		return "/"
+	}
+	return e.Sysroot
+}
+
+// Status implements Engine.
+func (e *SysrootEngine) Status() (*Host, error) {
+	return ReadStatus(StatusOptions{Sysroot: e.sysroot(), ESP: e.ESP})
+}
+
+// current returns the deployment an upgrade starts from: the booted one,
+// or (not booted by berth, e.g. a sysroot in an installer) the newest.
+func (e *SysrootEngine) current() (*deploy.Deployment, []*deploy.Deployment, error) {
+	deps, err := deploy.List(e.layout())
+	if err != nil {
+		return nil, nil, err
+	}
+	booted := deploy.BootedID(e.sysroot())
+	for _, d := range deps {
+		if d.ID == booted {
+			return d, deps, nil
+		}
+	}
+	if len(deps) == 0 {
+		return nil, deps, fmt.Errorf("no deployments below %s (install berth first)", e.layout().Deployments())
+	}
+	return deps[len(deps)-1], deps, nil
+}
+
+// Upgrade implements Engine: pull the tracked image again and deploy it
+// when it changed.
+func (e *SysrootEngine) Upgrade(ctx context.Context, job JobContext, opts UpgradeOptions) (string, error) {
+	cur, _, err := e.current()
+	if err != nil {
+		return "", fmt.Errorf("upgrade: %w", err)
+	}
+	if cur.ImageRef == "" {
+		return "", fmt.Errorf("upgrade: deployment %s records no image reference to track (use switch)", cur.ID)
+	}
+	return e.stage(ctx, job, cur.ImageRef, "upgrade", opts)
+}
+
+// Switch implements Engine.
+func (e *SysrootEngine) Switch(ctx context.Context, job JobContext, ref string, opts UpgradeOptions) (string, error) {
+	if strings.TrimSpace(ref) == "" {
+		return "", errors.New("switch: empty image reference")
+	}
+	return e.stage(ctx, job, ref, "switch", opts)
+}
+
+func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin string, opts UpgradeOptions) (string, error) {
+	if opts.Check {
+		return "", fmt.Errorf("%s --check: %w: looking up a remote manifest without importing needs a manifest-only lookup in internal/oci", origin, ErrNotImplemented)
+	}
+	cur, deps, err := e.current()
+	if err != nil && origin == "upgrade" {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	job.Progress("pull", 0, 0)
+	pr, pw := io.Pipe()
+	fwd := make(chan struct{})
+	go func() { forwardProgress(pr, job); close(fwd) }()
+	img, err := oci.Pull(ctx, ref, oci.PullOptions{
+		Sysroot:               e.sysroot(),
+		PolicyPath:            e.PolicyPath,
+		InsecureSkipTLSVerify: e.InsecureTLS,
+		Progress:              progress.New(pw, progress.Options{Mode: progress.JSON}),
+		Warnings:              io.Discard,
+	})
+	pw.Close()
+	<-fwd
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	for _, d := range deps {
+		if d.ComposefsDigest == img.ComposefsDigest && d.State != deploy.StateFailed {
+			if cur != nil && d.ID == cur.ID {
+				return fmt.Sprintf("no update: %s is what deployment %s runs (%s)", ref, d.ID, img.ManifestDigest), nil
+			}
+			return fmt.Sprintf("no update: %s is already deployment %s (%s)", ref, d.ID, img.ManifestDigest), nil
+		}
+	}
+
+	job.Progress("deploy", 0, 0)
+	tree, err := oci.LoadTree(e.sysroot(), img)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	kernels, err := oci.FindKernels(tree)
+	if err != nil {
+		return "", fmt.Errorf("%s: %s: %w", origin, ref, err)
+	}
+	objects, err := composefs.OpenStore(e.layout().Objects(), fsverity.SHA256)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	rt, err := runtime.Locate()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	mode := cmdline.LocalPersistent
+	if cur != nil && cur.LocalMode != "" {
+		mode = cur.LocalMode
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	res, err := deploy.Create(e.layout(), deploy.CreateOptions{
+		Tree: tree, Store: objects, Runtime: rt,
+		ImageRef: ref, ManifestDigest: img.ManifestDigest,
+		Kernel: kernels[len(kernels)-1], Origin: origin, LocalMode: mode,
+	})
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	id := res.Deployment.ID
+	if err := job.Created(id); err != nil {
+		return "", err
+	}
+	// The next steps (initramfs + UKI for the deployment, written to the
+	// ESP with boot counting, made the default; the pending /etc merge
+	// and carried local changes) have no callable implementation yet. The
+	// deployment just made must not stay behind unreferenced.
+	missing := fmt.Errorf("%s: %w: installing the boot entry for deployment %s (initramfs + UKI into the ESP) has no function in internal/install or internal/boot to call", origin, ErrNotImplemented, id)
+	if err := deploy.Remove(e.layout(), id, deploy.RemoveOptions{Booted: deploy.BootedID(e.sysroot()), Force: true}); err != nil {
+		return "", errors.Join(missing, fmt.Errorf("remove unfinished deployment %s: %w", id, err))
+	}
+	return "", missing
+}
+
+// forwardProgress turns the JSON-lines events of a progress.Reporter into
+// job progress ("pull <task>").
+func forwardProgress(r io.Reader, job JobContext) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var ev progress.Event
+		if json.Unmarshal(sc.Bytes(), &ev) != nil {
+			continue
+		}
+		phase := "pull"
+		if ev.Task != "" {
+			phase = "pull " + ev.Task
+		}
+		switch ev.Event {
+		case "start", "progress", "done":
+			job.Progress(phase, uint64(max(ev.Current, 0)), uint64(max(ev.Total, 0)))
+		}
+	}
+	io.Copy(io.Discard, r)
+}
+
+// Rollback implements Engine: the previous deployment's boot entry
+// becomes the default.
+func (e *SysrootEngine) Rollback(ctx context.Context, job JobContext) (string, error) {
+	dir := e.espDir()
+	if dir == "" {
+		return "", fmt.Errorf("rollback: no ESP with a loader/ directory below %s (efi, boot/efi, boot)", e.sysroot())
+	}
+	job.Progress("rollback", 0, 1)
+	unlock, err := deploy.Lock(e.layout())
+	if err != nil {
+		return "", fmt.Errorf("rollback: %w", err)
+	}
+	defer unlock()
+	target, err := boot.ESP{Dir: dir}.Rollback()
+	if err != nil {
+		return "", err
+	}
+	if _, err := deploy.Read(e.layout(), target); err != nil {
+		return "", fmt.Errorf("rollback: boot entry %s has no deployment: %w", target, err)
+	}
+	job.Progress("rollback", 1, 1)
+	return "next boot: deployment " + target, nil
+}
+
+// Cleanup implements Engine: it removes leftovers of interrupted work and
+// every deployment that is not booted, staged, the rollback or pinned,
+// with its boot entry.
+func (e *SysrootEngine) Cleanup(ctx context.Context, job JobContext) (string, error) {
+	l := e.layout()
+	job.Progress("cleanup", 0, 0)
+	removed, err := deploy.Cleanup(l)
+	if err != nil {
+		return "", fmt.Errorf("cleanup: %w", err)
+	}
+	st, err := e.Status()
+	if err != nil {
+		return "", fmt.Errorf("cleanup: %w", err)
+	}
+	keep := map[string]bool{}
+	for _, be := range []*BootEntry{st.Status.Booted, st.Status.Staged, st.Status.Rollback} {
+		if be != nil && be.Berth != nil {
+			keep[be.Berth.ID] = true
+		}
+	}
+	var def string
+	if st.Status.Berth.ESP != "" {
+		if d, err := (boot.ESP{Dir: st.Status.Berth.ESP}).Default(); err == nil && d != nil {
+			def = d.ID
+			keep[def] = true
+		}
+	}
+	var gone []string
+	for i, d := range st.Status.Berth.Deployments {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		job.Progress("cleanup", uint64(i), uint64(len(st.Status.Berth.Deployments)))
+		if keep[d.ID] || d.Pinned {
+			continue
+		}
+		if st.Status.Berth.ESP != "" {
+			if err := (boot.ESP{Dir: st.Status.Berth.ESP}).Remove(d.ID); err != nil {
+				return "", fmt.Errorf("cleanup: %w", err)
+			}
+		}
+		if err := deploy.Remove(l, d.ID, deploy.RemoveOptions{Booted: deploy.BootedID(e.sysroot()), Default: def}); err != nil {
+			return "", fmt.Errorf("cleanup: %w", err)
+		}
+		gone = append(gone, d.ID)
+	}
+	summary := fmt.Sprintf("removed %d deployments %v and %d leftovers", len(gone), gone, len(removed))
+	return "", fmt.Errorf("cleanup (%s): %w: removing unreferenced images and objects from the repository needs a garbage collector in internal/oci", summary, ErrNotImplemented)
+}
+
+// Pin implements Engine.
+func (e *SysrootEngine) Pin(id string, pinned bool) error {
+	_, err := deploy.SetPinned(e.layout(), id, pinned)
+	return err
+}
+
+// Change is one local change of a deployment (Diff).
+type Change struct {
+	Path string `json:"path"`
+	Kind string `json:"kind"` // added, modified, deleted, replaced (opaque directory)
+	Type string `json:"type"` // file, dir, symlink, other
+}
+
+// DiffResult is the JSON Diff returns.
+type DiffResult struct {
+	Deployment string   `json:"deployment"`
+	Changes    []Change `json:"changes"`
+}
+
+// Diff implements Engine: it lists deployment id's persistent local
+// changes (its overlay upper directory) against its image.
+func (e *SysrootEngine) Diff(id string) (string, error) {
+	res, err := DiffDeployment(e.layout(), id)
+	if err != nil {
+		return "", err
+	}
+	b, err := json.Marshal(res)
+	if err != nil {
+		return "", err
+	}
+	return string(b), nil
+}
+
+// DiffDeployment lists the entries of deploy/<id>/upper: overlayfs
+// whiteouts (0/0 character devices, or the trusted.overlay.whiteout
+// xattr) are deletions, directories with trusted.overlay.opaque replace
+// the image's, other entries are modified when the image has the path and
+// added otherwise. Directories that only exist to hold changes below them
+// are not listed.
+func DiffDeployment(l store.Layout, id string) (*DiffResult, error) {
+	d, err := deploy.Read(l, id)
+	if err != nil {
+		return nil, fmt.Errorf("diff: %w", err)
+	}
+	im, err := composefs.OpenImage(l.Image(d.ComposefsDigest))
+	if err != nil {
+		return nil, fmt.Errorf("diff %s: %w", id, err)
+	}
+	root, err := im.Root()
+	if err != nil {
+		return nil, fmt.Errorf("diff %s: %w", id, err)
+	}
+	upper := filepath.Join(l.Deployment(id), "upper")
+	res := &DiffResult{Deployment: id, Changes: []Change{}}
+	err = filepath.WalkDir(upper, func(p string, de os.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) && p == upper {
+				return filepath.SkipAll
+			}
+			return err
+		}
+		if p == upper {
+			return nil
+		}
+		rel, _ := filepath.Rel(upper, p)
+		rel = filepath.ToSlash(rel)
+		fi, err := de.Info()
+		if err != nil {
+			return err
+		}
+		inImage := root.Lookup(rel)
+		c := Change{Path: "/" + rel, Type: typeName(fi.Mode())}
+		switch {
+		case isWhiteout(p, fi):
+			c.Kind, c.Type = "deleted", ""
+		case fi.IsDir() && hasXattr(p, "trusted.overlay.opaque", "y"):
+			c.Kind = "replaced"
+		case fi.IsDir() && inImage != nil && inImage.IsDir():
+			if !dirMetaChanged(fi, inImage) {
+				return nil // only holds changes below it
+			}
+			c.Kind = "modified"
+		case inImage != nil:
+			c.Kind = "modified"
+		default:
+			c.Kind = "added"
+		}
+		res.Changes = append(res.Changes, c)
+		if c.Kind == "added" && fi.IsDir() {
+			return filepath.SkipDir // the directory says it all
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("diff %s: %w", id, err)
+	}
+	sort.Slice(res.Changes, func(i, j int) bool { return res.Changes[i].Path < res.Changes[j].Path })
+	return res, nil
+}
+
+func dirMetaChanged(fi os.FileInfo, n *composefs.Inode) bool {
+	st, ok := fi.Sys().(*unix.Stat_t)
+	if !ok {
+		return false
+	}
+	return st.Mode&0o7777 != n.Mode&0o7777 || st.Uid != n.UID || st.Gid != n.GID
+}
+
+func typeName(m os.FileMode) string {
+	switch {
+	case m.IsRegular():
+		return "file"
+	case m.IsDir():
+		return "dir"
+	case m&os.ModeSymlink != 0:
+		return "symlink"
+	}
+	return "other"
+}
+
+func isWhiteout(p string, fi os.FileInfo) bool {
+	if fi.Mode()&os.ModeCharDevice != 0 {
+		if st, ok := fi.Sys().(*unix.Stat_t); ok && st.Rdev == 0 {
+			return true
+		}
+	}
+	return fi.Mode().IsRegular() && fi.Size() == 0 && hasXattr(p, "trusted.overlay.whiteout", "")
+}
+
+func hasXattr(p, key, want string) bool {
+	buf := make([]byte, 64)
+	n, err := unix.Lgetxattr(p, key, buf)
+	if err != nil {
+		return false
+	}
+	return want == "" || string(buf[:n]) == want
+}

@@ -1,0 +1,164 @@
+package initrd
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/store"
+)
+
+// TestQEMUSmoke boots Debian trixie's kernel with berth's initramfs under
+// QEMU (TCG) on an ext4 disk (-O verity) that holds a berth repository made
+// by the composefs writer, installed "on a kernel without fs-verity" (the
+// verity-pending marker is set). It checks, from the serial console, that
+// berth-init loads the modules, finds root=LABEL=, seals the repository,
+// verifies the image digest without '?', mounts the composefs root with
+// verity=require, switches root and runs the image's init; then boots the
+// same disk again and checks the persistent change survived.
+//
+// Slow (two TCG boots); runs only with BERTH_QEMU_SMOKE=1.
+func TestQEMUSmoke(t *testing.T) {
+	if os.Getenv("BERTH_QEMU_SMOKE") == "" {
+		t.Skip("set BERTH_QEMU_SMOKE=1 to boot the trixie kernel under QEMU (about a minute per boot with TCG)")
+	}
+	kver := trixieKver(t)
+	for _, tool := range []string{"qemu-system-x86_64", "mkfs.ext4", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	dir := t.TempDir()
+	gobuild := func(out, pkg string) {
+		c := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, pkg)
+		c.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if o, err := c.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, o)
+		}
+	}
+	berthInit := filepath.Join(dir, "berth-init")
+	gobuild(berthInit, "github.com/berth-dev/berth/cmd/berth-init")
+	fi, _ := os.Stat(berthInit)
+	t.Logf("berth-init: %d bytes", fi.Size())
+
+	// The image: a tiny tree whose /sbin/init reports and powers off.
+	src := filepath.Join(dir, "image")
+	for _, d := range []string{"sbin", "usr/bin", "etc", "proc", "sys", "dev", "run", "tmp", "sysroot", "berth", "var/lib/dpkg", "home", "root"} {
+		os.MkdirAll(filepath.Join(src, d), 0o755)
+	}
+	gobuild(filepath.Join(src, "sbin/init"), "./testdata/guestinit")
+	os.WriteFile(filepath.Join(src, "usr/bin/hello"), bytes.Repeat([]byte("berth external file content\n"), 200), 0o755)
+	os.WriteFile(filepath.Join(src, "etc/hostname"), []byte("smoke\n"), 0o644)
+	os.WriteFile(filepath.Join(src, "var/lib/dpkg/status"), []byte("Package: image\n"), 0o644)
+
+	// The physical root: berth repository, one deployment, shared state,
+	// and the marker of an installation made without fs-verity.
+	phys := filepath.Join(dir, "phys")
+	l := store.At(phys)
+	if err := l.Init(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := composefs.OpenStore(l.Objects(), fsverity.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := st.NewBatch()
+	tree, err := composefs.ScanDir(src, composefs.ScanOptions{Store: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(l.Images(), "tmp")
+	dg, err := composefs.WriteImageFile(tmp, tree, composefs.WriteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := hex.EncodeToString(dg)
+	os.Rename(tmp, l.Image(digest))
+	id := "1-" + digest[:12]
+	os.MkdirAll(l.Deployment(id), 0o755)
+	os.MkdirAll(filepath.Join(l.State(), "var", "log"), 0o755)
+	os.MkdirAll(filepath.Join(l.State(), "home"), 0o755)
+	os.WriteFile(filepath.Join(l.Repo(), "verity-pending"), nil, 0o644)
+
+	disk := filepath.Join(dir, "disk.img")
+	if o, err := exec.Command("mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "verity", "-L", "berth-smoke", "-d", phys, disk, "128M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, o)
+	}
+	initrd := filepath.Join(dir, "initrd.img")
+	f, err := os.Create(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Build(f, Options{Root: os.DirFS(trixie), KernelVersion: kver, InitBinary: berthInit})
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("initramfs: %d bytes, %d modules", rep.Size, len(rep.Modules))
+
+	boot := func(n int) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+		defer cancel()
+		accel := "tcg,thread=multi"
+		c := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", accel, "-cpu", "qemu64", "-m", "1024", "-smp", "2",
+			"-nographic", "-no-reboot", "-kernel", filepath.Join(trixie, "boot", "vmlinuz-"+kver), "-initrd", initrd,
+			"-drive", "file="+disk+",if=virtio,format=raw",
+			"-append", "console=ttyS0 panic=-1 loglevel=4 root=LABEL=berth-smoke berth.composefs="+digest+" berth.deploy="+id)
+		start := time.Now()
+		out, err := c.CombinedOutput()
+		log := string(out)
+		if keep := os.Getenv("BERTH_QEMU_LOGDIR"); keep != "" {
+			os.WriteFile(filepath.Join(keep, fmt.Sprintf("serial%d.log", n)), out, 0o644)
+		}
+		t.Logf("boot %d: qemu exited after %s (%v); serial (berth and guest lines):", n, time.Since(start).Round(time.Second), err)
+		for _, l := range strings.Split(log, "\n") {
+			if strings.Contains(l, "berth") || strings.Contains(l, "GUEST") || strings.Contains(l, "Kernel panic") ||
+				strings.Contains(l, "overlayfs") || strings.Contains(l, "erofs") || strings.Contains(l, "Problem:") || strings.Contains(l, "Fix:") {
+				t.Log("  " + strings.TrimRight(l, "\r"))
+			}
+		}
+		return log
+	}
+	log := boot(1)
+	for _, want := range []string{
+		`berth: modules for ` + regexp.QuoteMeta(kver) + ` loaded in [^:]+: \d+ by the kernel from compressed files, 0 uncompressed, 0 decompressed by berth-init, \d+ already loaded, \d+ not for this hardware, 0 failed`,
+		`berth: root device /dev/vda TYPE="ext4"`,
+		`berth: sealed \d+ files`,
+		`GUEST: root fstype=0x794c7630 overlay=true`,
+		`GUEST: hello content ok=true`,
+		`GUEST: image verity sha256:` + digest,
+		`GUEST: verity-pending marker present=false`,
+		`"verity": "required"`,
+		`GUEST: first boot: wrote /usr/local/first-boot err=<nil>`,
+		`GUEST: done`,
+	} {
+		if !regexp.MustCompile(want).MatchString(strings.ReplaceAll(log, `"verity":"required"`, `"verity": "required"`)) {
+			t.Errorf("boot 1: serial log lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		return
+	}
+	log = boot(2)
+	for _, want := range []string{`GUEST: second boot: persistent change found`, `GUEST: done`} {
+		if !strings.Contains(log, want) {
+			t.Errorf("boot 2: serial log lacks %q", want)
+		}
+	}
+	if strings.Contains(log, "berth: sealed") {
+		t.Error("boot 2 sealed again although the marker was removed")
+	}
+}
