@@ -81,11 +81,13 @@ and a UKI, and install systemd-boot with a boot-counted entry.`,
 		RunE: func(c *cobra.Command, args []string) error {
 			opts := diskFlags.options()
 			opts.Wipe, opts.Filesystem = wipe, fsType
-			n, err := parseSize(size)
-			if err != nil {
-				return fmt.Errorf("--size: %w", err)
+			if c.Flags().Changed("size") {
+				n, err := parseSize(size)
+				if err != nil {
+					return fmt.Errorf("--size: %w", err)
+				}
+				opts.Size = n
 			}
-			opts.Size = n
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			res, err := install.ToDisk(ctx, args[0], opts)
@@ -95,7 +97,7 @@ and a UKI, and install systemd-boot with a boot-counted entry.`,
 	diskFlags.register(toDisk)
 	toDisk.Flags().BoolVar(&wipe, "wipe", false, "overwrite a disk that has a partition table or data")
 	toDisk.Flags().StringVar(&fsType, "filesystem", "ext4", "root filesystem: ext4 or btrfs")
-	toDisk.Flags().StringVar(&size, "size", "8G", "size of a disk image file target (created sparse, or extended)")
+	toDisk.Flags().StringVar(&size, "size", "", "size of a disk image file target: a new file is created sparse with it, a smaller one extended (default 8G for a new file)")
 
 	var fsFlags installFlags
 	var esp string

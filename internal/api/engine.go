@@ -18,10 +18,10 @@ import (
 	"github.com/berth-dev/berth/internal/cmdline"
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
-	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/etcmerge"
+	"github.com/berth-dev/berth/internal/install"
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/progress"
-	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -163,56 +163,64 @@ func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin s
 		}
 	}
 
-	job.Progress("deploy", 0, 0)
-	tree, err := oci.LoadTree(e.sysroot(), img)
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", origin, err)
-	}
-	kernels, err := oci.FindKernels(tree)
-	if err != nil {
-		return "", fmt.Errorf("%s: %s: %w", origin, ref, err)
-	}
-	objects, err := composefs.OpenStore(e.layout().Objects(), fsverity.SHA256)
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", origin, err)
-	}
-	rt, err := runtime.Locate()
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", origin, err)
+	espDir := e.espDir()
+	if espDir == "" {
+		return "", fmt.Errorf("%s: no ESP with a loader/ directory below %s (efi, boot/efi, boot): is it mounted?", origin, e.sysroot())
 	}
 	mode := cmdline.LocalPersistent
 	if cur != nil && cur.LocalMode != "" {
 		mode = cur.LocalMode
 	}
+	do := install.DeployOptions{LocalMode: mode, Origin: origin, InsecureNoVerity: e.insecureNoVerity()}
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	res, err := deploy.Create(e.layout(), deploy.CreateOptions{
-		Tree: tree, Store: objects, Runtime: rt,
-		ImageRef: ref, ManifestDigest: img.ManifestDigest,
-		Kernel: kernels[len(kernels)-1], Origin: origin, LocalMode: mode,
-	})
+	// From here on the job is not cancellable: install.DeployImage takes
+	// no context; a crash in it is recovered by Recover (the deployment
+	// has no boot entry until its last step).
+	pr, pw = io.Pipe()
+	fwd = make(chan struct{})
+	go func() { forwardProgressAs(pr, job, "deploy"); close(fwd) }()
+	do.Progress = progress.New(pw, progress.Options{Mode: progress.JSON})
+	res, err := install.DeployImage(e.sysroot(), espDir, img, do)
+	pw.Close()
+	<-fwd
+	if res != nil && res.Deployment != nil {
+		if jerr := job.Created(res.Deployment.ID); jerr != nil && err == nil {
+			err = jerr
+		}
+	}
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", origin, err)
 	}
 	id := res.Deployment.ID
-	if err := job.Created(id); err != nil {
-		return "", err
+	summary := fmt.Sprintf("staged deployment %s of %s (%s); it boots next", id, ref, img.ManifestDigest)
+	if cur != nil && opts.Local != "drop" {
+		// The /etc 3-way merge happens at the first boot of the new
+		// deployment (berth-init runs etcmerge.MergeDeployment).
+		if err := etcmerge.WritePending(e.layout(), id, cur); err != nil {
+			return "", fmt.Errorf("%s: record the pending /etc merge: %w", origin, err)
+		}
+		summary += "; /etc is merged from " + cur.ID + " at its first boot"
 	}
-	// The next steps (initramfs + UKI for the deployment, written to the
-	// ESP with boot counting, made the default; the pending /etc merge
-	// and carried local changes) have no callable implementation yet. The
-	// deployment just made must not stay behind unreferenced.
-	missing := fmt.Errorf("%s: %w: installing the boot entry for deployment %s (initramfs + UKI into the ESP) has no function in internal/install or internal/boot to call", origin, ErrNotImplemented, id)
-	if err := deploy.Remove(e.layout(), id, deploy.RemoveOptions{Booted: deploy.BootedID(e.sysroot()), Force: true}); err != nil {
-		return "", errors.Join(missing, fmt.Errorf("remove unfinished deployment %s: %w", id, err))
+	return summary, nil
+}
+
+// insecureNoVerity keeps a running system's berth.composefs=? (no
+// fs-verity on its filesystem) for the deployments it stages.
+func (e *SysrootEngine) insecureNoVerity() bool {
+	if deploy.BootedID(e.sysroot()) == "" {
+		return false
 	}
-	return "", missing
+	a, err := cmdline.ReadProc("")
+	return err == nil && a.Composefs != nil && a.Composefs.Optional
 }
 
 // forwardProgress turns the JSON-lines events of a progress.Reporter into
 // job progress ("pull <task>").
-func forwardProgress(r io.Reader, job JobContext) {
+func forwardProgress(r io.Reader, job JobContext) { forwardProgressAs(r, job, "pull") }
+
+func forwardProgressAs(r io.Reader, job JobContext, prefix string) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -220,9 +228,9 @@ func forwardProgress(r io.Reader, job JobContext) {
 		if json.Unmarshal(sc.Bytes(), &ev) != nil {
 			continue
 		}
-		phase := "pull"
+		phase := prefix
 		if ev.Task != "" {
-			phase = "pull " + ev.Task
+			phase = prefix + ": " + ev.Task
 		}
 		switch ev.Event {
 		case "start", "progress", "done":

@@ -567,7 +567,9 @@ func (j *Job) run(fn jobFunc, opts UpgradeOptions) {
 	cancelled := j.cancelled
 	j.mu.Unlock()
 	switch {
-	case cancelled && (err != nil || j.ctx.Err() != nil):
+	case cancelled && err != nil:
+		// (A cancel that came after the last cancellable step does not
+		// undo a finished job: it ends done.)
 		state, msg = StateCancelled, "cancelled"
 		if err != nil && !errors.Is(err, context.Canceled) {
 			msg = "cancelled: " + err.Error()

@@ -11,6 +11,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/etcmerge"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -269,15 +270,11 @@ func fromDeploy(l store.Layout, d *deploy.Deployment) *Deployment {
 		Kernel: d.Kernel, Origin: d.Origin, State: d.State, Created: d.Created, Pinned: d.Pinned,
 		LocalMode: string(d.LocalMode), Conflicts: []string{},
 	}
-	if c, err := ReadConflicts(filepath.Join(l.Deployment(d.ID), ConflictsFile)); err == nil {
+	if c, err := ReadConflicts(filepath.Join(l.Deployment(d.ID), etcmerge.ConflictsFile)); err == nil {
 		out.Conflicts = c
 	}
 	return out
 }
-
-// ConflictsFile is the list of /etc merge conflicts in a deployment
-// directory (written by internal/etcmerge's caller at first boot).
-const ConflictsFile = "conflicts.json"
 
 // ReadConflicts reads the paths listed in a conflicts.json: a JSON object
 // with a "conflicts" array of objects that have a "path".

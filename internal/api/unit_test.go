@@ -1,7 +1,9 @@
 package api
 
 import (
+	"encoding/json"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/godbus/dbus/v5"
@@ -59,6 +61,32 @@ func TestSplitRef(t *testing.T) {
 	} {
 		if got := SplitRef(in); got != want {
 			t.Errorf("SplitRef(%q) = %+v, want %+v", in, got, want)
+		}
+	}
+}
+
+func TestSchemaValidatorRejects(t *testing.T) {
+	schema, err := os.ReadFile("../../docs/status.schema.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty, err := json.Marshal(&Host{APIVersion: StatusAPIVersion, Kind: StatusKind, Spec: HostSpec{BootOrder: "default"}, Status: HostStatus{Type: "berthHost", Berth: BerthStatus{Deployments: []*Deployment{}, Notes: []string{}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ValidateJSONSchema(schema, empty); err != nil {
+		t.Fatalf("empty status: %v", err)
+	}
+	for _, bad := range []string{
+		`{}`,
+		strings.Replace(string(empty), `"BootcHost"`, `"Host"`, 1),
+		strings.Replace(string(empty), `"bootOrder":"default"`, `"bootOrder":"sideways"`, 1),
+		strings.Replace(string(empty), `"notes":[]`, `"notes":[1]`, 1),
+		strings.Replace(string(empty), `"rollbackQueued":false`, `"rollbackQueued":false,"extra":1`, 1),
+		strings.Replace(string(empty), `"deployments":[]`, `"deployments":[{"id":"x"}]`, 1),
+	} {
+		if err := ValidateJSONSchema(schema, []byte(bad)); err == nil {
+			t.Errorf("accepted %s", bad)
 		}
 	}
 }

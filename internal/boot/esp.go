@@ -25,7 +25,7 @@
 // FAT has no atomic rename-over, so every replacement writes the new file
 // under a temporary name, fsyncs it, removes the old one, renames the new
 // one into place and fsyncs the directory; readers take the old file when
-// both exist and finish the rename when only the new one does.
+// both exist and the new one when only it does, and never write.
 package boot
 
 import (
@@ -36,6 +36,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -242,7 +243,8 @@ func writeNew(dst string, fill func(io.Writer) error) (string, error) {
 // replaceFile replaces dst on a filesystem without atomic rename-over:
 // write dst.berth-new and fsync it, remove dst, rename, fsync the
 // directory. After a crash either dst is complete, or only the complete
-// dst.berth-new is left (recoverNew finishes the job).
+// dst.berth-new is left (readers use it; the next replaceFile overwrites
+// it and finishes the job).
 func replaceFile(dst string, fill func(io.Writer) error) error {
 	tmp, err := writeNew(dst, fill)
 	if err != nil {
@@ -262,23 +264,6 @@ func replaceFile(dst string, fill func(io.Writer) error) error {
 	return fsutil.SyncDir(dir)
 }
 
-// recoverNew resolves a replaceFile interrupted by a crash: with both files
-// present the new one may be incomplete and is dropped; with only the new
-// one present it was complete before the old one was removed.
-func recoverNew(dst string) error {
-	tmp := dst + newSuffix
-	if _, err := os.Lstat(tmp); err != nil {
-		return nil
-	}
-	if _, err := os.Lstat(dst); err == nil {
-		return os.Remove(tmp)
-	}
-	if err := os.Rename(tmp, dst); err != nil {
-		return err
-	}
-	return fsutil.SyncDir(filepath.Dir(dst))
-}
-
 // AddUKI installs a UKI as EFI/Linux/berth-<id>+<tries>.efi (no counter
 // when tries is 0). An existing entry for id is replaced.
 func (e ESP) AddUKI(id, ukiPath string, tries int) error {
@@ -286,8 +271,12 @@ func (e ESP) AddUKI(id, ukiPath string, tries int) error {
 	if err != nil {
 		return err
 	}
-	if _, err := uki.ReadSectionFile(ukiPath, ".linux", 1<<31); err != nil {
-		return fmt.Errorf("add UKI for %s: not a UKI: %w", id, err)
+	names, err := uki.SectionNamesFile(ukiPath)
+	if err != nil {
+		return fmt.Errorf("add UKI for %s: %w", id, err)
+	}
+	if !slices.Contains(names, ".linux") {
+		return fmt.Errorf("add UKI for %s: %s has no .linux section, not a UKI", id, ukiPath)
 	}
 	if err := fsutil.MkdirAllSync(e.path(LinuxDir), 0o755); err != nil {
 		return err
@@ -362,6 +351,22 @@ func (e ESP) filesOf(dir, id string) ([]string, error) {
 	return out, nil
 }
 
+// leftoversOf lists unfinished writes (*.berth-new) of id's entries in dir.
+func (e ESP) leftoversOf(dir, id string) []string {
+	des, _ := os.ReadDir(e.path(dir))
+	var out []string
+	for _, de := range des {
+		name, ok := strings.CutSuffix(de.Name(), newSuffix)
+		if !ok {
+			continue
+		}
+		if n, err := ParseEntryName(name); err == nil && n.ID == id {
+			out = append(out, de.Name())
+		}
+	}
+	return out
+}
+
 // AddBLS installs a Type #1 entry: the kernel and initrds to berth/<id>/,
 // then loader/entries/berth-<id>+<tries>.conf pointing at them (the entry
 // is written last, so it never points at missing files).
@@ -416,8 +421,9 @@ func (e ESP) AddBLS(id string, b BLSEntry, tries int) error {
 }
 
 // Entries lists berth's entries in the order systemd-boot sorts them (bad
-// entries last). Leftovers of interrupted writes are cleaned up first when
-// the ESP is writable.
+// entries last). Like every reader here it never modifies the ESP; writers
+// (Add*, Remove, Prune, SetDefault, ...) must be serialized by the caller
+// (berth's deployment lock).
 func (e ESP) Entries() ([]Entry, error) {
 	var out []Entry
 	seen := map[string]int{}
@@ -431,8 +437,7 @@ func (e ESP) Entries() ([]Entry, error) {
 		}
 		for _, de := range des {
 			if strings.HasSuffix(de.Name(), newSuffix) {
-				// Never renamed into place: the write did not finish.
-				os.Remove(e.path(dir + "/" + de.Name()))
+				// Not renamed into place (yet): not an entry.
 				continue
 			}
 			n, err := ParseEntryName(de.Name())
@@ -606,7 +611,7 @@ func (e ESP) Remove(id string) error {
 		if err != nil {
 			return err
 		}
-		if err := e.removeFiles(dir, files, ""); err != nil {
+		if err := e.removeFiles(dir, append(files, e.leftoversOf(dir, id)...), ""); err != nil {
 			return err
 		}
 	}
@@ -619,21 +624,31 @@ func (e ESP) Remove(id string) error {
 	return nil
 }
 
-// Prune removes the entries of every deployment not in keep.
+// Prune removes the entries (and unfinished entry writes) of every
+// deployment not in keep.
 func (e ESP) Prune(keep []string) error {
-	entries, err := e.Entries()
-	if err != nil {
-		return err
-	}
 	want := map[string]bool{}
 	for _, k := range keep {
 		want[k] = true
 	}
-	for _, en := range entries {
-		if !want[en.ID] {
-			if err := e.Remove(en.ID); err != nil {
-				return err
+	ids := map[string]bool{}
+	for _, dir := range []string{LinuxDir, EntriesDir} {
+		des, err := os.ReadDir(e.path(dir))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read %s: %w", dir, err)
+		}
+		for _, de := range des {
+			if n, err := ParseEntryName(strings.TrimSuffix(de.Name(), newSuffix)); err == nil && !want[n.ID] {
+				ids[n.ID] = true
 			}
+		}
+	}
+	for id := range ids {
+		if err := e.Remove(id); err != nil {
+			return err
 		}
 	}
 	return nil

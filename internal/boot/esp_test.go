@@ -293,15 +293,12 @@ func TestInterruptedWrites(t *testing.T) {
 	conf := filepath.Join(dir, LoaderConf)
 
 	// Crash after the new file was written, before the old was removed:
-	// the old one stays, the possibly incomplete new one goes.
+	// readers take the old one.
 	os.WriteFile(conf, []byte("default berth-*\n"), 0o644)
 	os.WriteFile(conf+newSuffix, []byte("default berth-1-a"), 0o644)
 	c, err := esp.ReadLoaderConf()
 	if err != nil || c.Get("default") != "berth-*" {
 		t.Errorf("both present: %q %v", c.Get("default"), err)
-	}
-	if _, err := os.Stat(conf + newSuffix); !os.IsNotExist(err) {
-		t.Error("stale new file kept")
 	}
 	// Crash after the old file was removed: the new one is complete.
 	os.Remove(conf)
@@ -310,15 +307,25 @@ func TestInterruptedWrites(t *testing.T) {
 	if err != nil || c.Get("default") != "berth-2-b[.+]*" {
 		t.Errorf("only new present: %q %v", c.Get("default"), err)
 	}
-	if b, _ := os.ReadFile(conf); string(b) != "default berth-2-b[.+]*\n" {
-		t.Errorf("rename not finished: %q", b)
+	// The next write puts a complete loader.conf in place and no leftover.
+	if err := esp.SetTimeout(4); err != nil {
+		t.Fatal(err)
 	}
-	// An entry write that never got renamed is ignored and cleaned up.
+	if b, _ := os.ReadFile(conf); string(b) != "default berth-2-b[.+]*\ntimeout 4\n" {
+		t.Errorf("after the next write: %q", b)
+	}
+	if _, err := os.Stat(conf + newSuffix); !os.IsNotExist(err) {
+		t.Error("leftover new file after a write")
+	}
+	// An entry write that never got renamed is no entry; Prune removes it.
 	os.MkdirAll(filepath.Join(dir, LinuxDir), 0o755)
 	os.WriteFile(filepath.Join(dir, LinuxDir, "berth-3-cccccccccccc+3.efi"+newSuffix), []byte("partial"), 0o644)
 	es, err := esp.Entries()
 	if err != nil || len(es) != 0 {
 		t.Errorf("entries %v %v", es, err)
+	}
+	if err := esp.Prune(nil); err != nil {
+		t.Fatal(err)
 	}
 	if m, _ := filepath.Glob(filepath.Join(dir, LinuxDir, "*")); len(m) != 0 {
 		t.Errorf("leftovers %v", m)

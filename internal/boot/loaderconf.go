@@ -66,16 +66,14 @@ func splitConf(line string) (key, value string, ok bool) {
 	return k, strings.TrimSpace(v), true
 }
 
-// ReadLoaderConf reads loader/loader.conf, first finishing or undoing an
-// interrupted replacement.
+// ReadLoaderConf reads loader/loader.conf. It never modifies the ESP (a
+// writer may be mid-replacement): when a crash left only the complete
+// loader.conf.berth-new (see replaceFile), that one is read; the next
+// write puts it in place.
 func (e ESP) ReadLoaderConf() (*LoaderConfig, error) {
 	p := e.path(LoaderConf)
-	if err := recoverNew(p); err != nil && !errors.Is(err, fs.ErrPermission) {
-		return nil, fmt.Errorf("recover %s: %w", LoaderConf, err)
-	}
 	b, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
-		// Read-only ESP after a crash between remove and rename.
 		if nb, nerr := os.ReadFile(p + newSuffix); nerr == nil {
 			b, err = nb, nil
 		} else {

@@ -42,18 +42,18 @@ func (im *Image) Check() error {
 	if !root.IsDir() {
 		return corrupt("root inode %d is not a directory", im.rootNid)
 	}
-	total := uint64(len(r.dirs))
-	for nid, links := range r.links {
-		total++
-		if ri := r.raw[nid]; ri != nil && ri.nlink != links {
+	for _, nid := range r.order {
+		links, ok := r.links[nid]
+		if ri := r.raw[nid]; ok && ri.nlink != links {
 			return corrupt("inode %d: nlink %d, but %d directory entries point to it", nid, ri.nlink, links)
 		}
 	}
-	if total != im.inos {
+	if total := uint64(len(r.order)); total != im.inos {
 		return corrupt("superblock counts %d inodes, the tree has %d", im.inos, total)
 	}
 	inos := map[uint32]uint64{}
-	for nid, ri := range r.raw {
+	for _, nid := range r.order {
+		ri := r.raw[nid]
 		if ri.mode&SIFMT == SIFREG {
 			if ri.layout == layoutChunkBased {
 				if _, _, err := im.chunks(ri); err != nil {

@@ -490,6 +490,7 @@ type treeReader struct {
 	dirs   map[uint64]bool   // directories seen: a second link is a cycle or corruption
 	raw    map[uint64]*rawInode
 	links  map[uint64]uint32 // strict: links found per non-directory nid
+	order  []uint64          // strict: nids in discovery order (deterministic checks)
 }
 
 func newTreeReader(im *Image, strict bool) *treeReader {
@@ -511,6 +512,7 @@ func (r *treeReader) read(nid, parent uint64, p string, depth int) (*Inode, erro
 	}
 	if r.strict {
 		r.raw[nid] = ri
+		r.order = append(r.order, nid)
 	}
 	n := &Inode{Mode: ri.mode, UID: ri.uid, GID: ri.gid, Mtime: ri.mtime}
 	if n.Xattrs, err = r.im.xattrs(ri); err != nil {
@@ -691,7 +693,8 @@ func (im *Image) Tree() (*Inode, error) {
 		}
 		if n.IsDir() {
 			hasWhiteout := false
-			for _, c := range n.Children {
+			for _, name := range n.SortedNames() {
+				c := n.Children[name]
 				undo(c)
 				if c.Type() == SIFCHR && c.Rdev == 0 {
 					hasWhiteout = true
@@ -715,7 +718,8 @@ func (im *Image) Tree() (*Inode, error) {
 	}
 	// The root's generated whiteouts are real chardev 0/0 inodes (input
 	// whiteouts were turned into regular files), so drop them first.
-	for name, c := range root.Children {
+	for _, name := range root.SortedNames() {
+		c := root.Children[name]
 		if len(name) == 2 && isLowerHex(name) && c.Type() == SIFCHR && c.Rdev == 0 {
 			delete(root.Children, name)
 		}

@@ -94,8 +94,8 @@ func TestSparseFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const size = 200<<20 + 12345
-	islands := []int64{0, 5000, 3 << 20, 64<<20 + 17, 129 << 20, size - 100}
+	const size = 130<<20 + 12345
+	islands := []int64{0, 5000, 3 << 20, 64<<20 + 17, 128 << 20, size - 100}
 	for i, off := range islands {
 		if _, err := f.WriteAt(randBytes(3000+i, uint64(off)), off); err != nil {
 			t.Fatal(err)
@@ -117,6 +117,9 @@ func TestSparseFile(t *testing.T) {
 		}
 		if !bytes.Equal(got, want) {
 			t.Errorf("sparse DigestFile %s = %x, tool says %x", alg, got, want)
+		}
+		if alg != SHA256 {
+			continue
 		}
 		// The dense path (reading every zero) must agree too.
 		fh, err := os.Open(p)

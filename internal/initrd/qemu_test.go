@@ -47,7 +47,11 @@ func TestQEMUSmoke(t *testing.T) {
 		}
 	}
 	berthInit := filepath.Join(dir, "berth-init")
-	gobuild(berthInit, "github.com/berth-dev/berth/cmd/berth-init")
+	if prebuilt := os.Getenv("BERTH_QEMU_INIT"); prebuilt != "" {
+		berthInit = prebuilt // a berth-init built elsewhere (e.g. with go build -overlay)
+	} else {
+		gobuild(berthInit, "github.com/berth-dev/berth/cmd/berth-init")
+	}
 	fi, _ := os.Stat(berthInit)
 	t.Logf("berth-init: %d bytes", fi.Size())
 

@@ -45,8 +45,9 @@ type Options struct {
 	Wipe bool
 	// Filesystem of the root partition: "ext4" (default) or "btrfs".
 	Filesystem string
-	// Size of a disk image file target (created sparse or extended);
-	// 0 means DefaultSize. Block devices keep their size.
+	// Size of a disk image file target: a new file is created sparse with
+	// this size (0: DefaultSize), an existing smaller one is extended (0:
+	// kept as it is). Block devices keep their size.
 	Size int64
 	// SSHAuthorizedKeys is a file whose keys go to root's authorized_keys.
 	SSHAuthorizedKeys string
@@ -148,15 +149,11 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 		}
 		res.Total = time.Since(st.start)
 	}()
-	size := opts.Size
-	if size == 0 {
-		size = DefaultSize
-	}
 
 	var t *target
 	if err := st.do("check target "+targetPath, func() (string, error) {
 		var err error
-		t, err = openTarget(targetPath, size, opts.Wipe)
+		t, err = openTarget(targetPath, opts.Size, opts.Wipe)
 		if err != nil {
 			return "", err
 		}

@@ -25,9 +25,9 @@ type target struct {
 }
 
 // openTarget checks that path may be installed to and prepares a file
-// target (created sparse, or extended, to size). It refuses a target that
-// is mounted or in use, and one with a partition table or other data
-// unless wipe is set.
+// target: created sparse with size (0: DefaultSize), or extended to size
+// when it is smaller. It refuses a target that is mounted or in use, and
+// one with a partition table or other data unless wipe is set.
 func openTarget(path string, size int64, wipe bool) (*target, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
@@ -38,7 +38,7 @@ func openTarget(path string, size int64, wipe bool) (*target, error) {
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		if size <= 0 {
-			return nil, fmt.Errorf("target %s does not exist (give --size to create a disk image file)", abs)
+			size = DefaultSize
 		}
 		f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {

@@ -23,6 +23,7 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -299,6 +300,10 @@ func (p *peImage) detachTail(i int) ([]newSection, error) {
 			return nil, fmt.Errorf("data directory %d points into the moved sections", d)
 		}
 	}
+	if err := p.checkNoRelocsFrom(s.VirtualAddress); err != nil {
+		return nil, err
+	}
+	p.vaFloor = p.virtEnd()
 	p.sections = keep
 	p.data = p.data[:s.PointerToRaw]
 	return moved, nil
@@ -481,4 +486,71 @@ func ReadSectionFile(path, name string, limit int64) ([]byte, error) {
 		return nil, fmt.Errorf("read %s section %s: %w", path, name, err)
 	}
 	return out, nil
+}
+
+// checkNoRelocsFrom fails if a base relocation patches an address at or
+// above rva: such bytes cannot be moved.
+func (p *peImage) checkNoRelocsFrom(rva uint32) error {
+	rrva, size := p.dataDir(dirBaseReloc)
+	if size == 0 {
+		return nil
+	}
+	var sec *peSection
+	for i := range p.sections {
+		s := &p.sections[i]
+		if rrva >= s.VirtualAddress && rrva+size <= s.VirtualAddress+max(s.VirtualSize, s.SizeOfRawData) {
+			sec = s
+		}
+	}
+	if sec == nil {
+		return errors.New("base relocation table is not inside a section")
+	}
+	tab := p.sectionData(sec)
+	off := int(rrva - sec.VirtualAddress)
+	if off+int(size) > len(tab) {
+		return errors.New("base relocation table runs past its section")
+	}
+	tab = tab[off : off+int(size)]
+	for len(tab) >= 8 {
+		page := binary.LittleEndian.Uint32(tab)
+		n := int(binary.LittleEndian.Uint32(tab[4:]))
+		if n < 8 || n > len(tab) {
+			return errors.New("malformed base relocation block")
+		}
+		for i := 8; i+1 < n; i += 2 {
+			e := binary.LittleEndian.Uint16(tab[i:])
+			if e>>12 != 0 && page+uint32(e&0xfff) >= rva {
+				return fmt.Errorf("a base relocation patches address %#x in a section that would move", page+uint32(e&0xfff))
+			}
+		}
+		tab = tab[n:]
+	}
+	return nil
+}
+
+// SectionNamesFile lists the section names of a PE file, reading only its
+// headers.
+func SectionNamesFile(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	head := make([]byte, min(fi.Size(), 64<<10))
+	if _, err := f.ReadAt(head, 0); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	p, err := parsePEHeaders(head, fi.Size())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	var names []string
+	for _, s := range p.sections {
+		names = append(names, s.Name)
+	}
+	return names, nil
 }

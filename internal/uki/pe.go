@@ -23,7 +23,8 @@ const (
 
 	fileLocalSymsStripped = 0x0008
 
-	dirSecurity = 4
+	dirSecurity  = 4
+	dirBaseReloc = 5
 )
 
 // peSection is one section header plus where its bytes are.
@@ -53,6 +54,9 @@ type peImage struct {
 	dirOff    int // offset of the data directory array
 	fileAlign uint32
 	sectAlign uint32
+	// vaFloor keeps appended sections above addresses of sections that
+	// were detached, so no address the stub once used is reused.
+	vaFloor uint32
 }
 
 func (p *peImage) u16(off int) uint16      { return binary.LittleEndian.Uint16(p.data[off:]) }
@@ -239,7 +243,7 @@ func (p *peImage) rawEnd() uint32 {
 
 // virtEnd is the end of the highest section in memory.
 func (p *peImage) virtEnd() uint32 {
-	var end uint32
+	end := p.vaFloor
 	for _, s := range p.sections {
 		end = max(end, s.VirtualAddress+max(s.VirtualSize, s.SizeOfRawData))
 	}
