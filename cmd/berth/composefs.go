@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -83,12 +84,12 @@ is omitted with --print-digest-only.`,
 				DigestStore: digestStore,
 				Write:       write,
 				Scan:        scan,
-				Stdin:       os.Stdin,
-				Stdout:      os.Stdout,
+				Stdin:       cmd.InOrStdin(),
+				Stdout:      cmd.OutOrStdout(),
 			}
 			if len(args) == 2 {
 				opts.Output = args[1]
-				if opts.Output == "-" && term.IsTerminal(int(os.Stdout.Fd())) {
+				if f, ok := opts.Stdout.(*os.File); ok && opts.Output == "-" && term.IsTerminal(int(f.Fd())) {
 					return errors.New("standard output is a terminal; refusing to write an image to it")
 				}
 			}
@@ -100,12 +101,12 @@ is omitted with --print-digest-only.`,
 			case opts.Output == "-":
 				// Standard output carries the image; the digest goes to stderr.
 				if printDigest {
-					fmt.Fprintln(os.Stderr, hex.EncodeToString(digest))
+					fmt.Fprintln(cmd.ErrOrStderr(), hex.EncodeToString(digest))
 				}
 			case global.JSON:
-				return printComposefsJSON(opts.Output, digest)
+				return printComposefsJSON(cmd.OutOrStdout(), opts.Output, digest)
 			case printDigest:
-				fmt.Println(hex.EncodeToString(digest))
+				fmt.Fprintln(cmd.OutOrStdout(), hex.EncodeToString(digest))
 			}
 			return nil
 		},
@@ -119,12 +120,12 @@ is omitted with --print-digest-only.`,
 	return cmd
 }
 
-func printComposefsJSON(image string, digest []byte) error {
+func printComposefsJSON(w io.Writer, image string, digest []byte) error {
 	out := struct {
 		Image  string `json:"image,omitempty"`
 		Digest string `json:"digest"`
 	}{image, hex.EncodeToString(digest)}
-	return json.NewEncoder(os.Stdout).Encode(out)
+	return json.NewEncoder(w).Encode(out)
 }
 
 func newComposefsDigestCmd() *cobra.Command {
@@ -143,9 +144,9 @@ fs-verity digest.`,
 				return err
 			}
 			if global.JSON {
-				return printComposefsJSON("", digest)
+				return printComposefsJSON(cmd.OutOrStdout(), "", digest)
 			}
-			fmt.Println(hex.EncodeToString(digest))
+			fmt.Fprintln(cmd.OutOrStdout(), hex.EncodeToString(digest))
 			return nil
 		},
 	}

@@ -439,8 +439,8 @@ func (s *Server) startJob(sender, action, kind string, options map[string]dbus.V
 	}
 	// The highest serial before the job: recovery removes any newer
 	// deployment no boot entry refers to.
-	if deps, err := deploy.List(store.At(s.cfg.Sysroot)); err == nil && len(deps) > 0 {
-		j.rec.Args["serial-before"] = strconv.FormatUint(deps[len(deps)-1].Serial(), 10)
+	if sb := serialBefore(s.cfg.Sysroot); sb != "" {
+		j.rec.Args["serial-before"] = sb
 	}
 	if err := writeRecord(journalPath(s.cfg.Sysroot), j.rec); err != nil {
 		s.mu.Unlock()
@@ -695,4 +695,14 @@ func (p *jobProps) GetAll(iface string) (map[string]dbus.Variant, *dbus.Error) {
 
 func (p *jobProps) Set(iface, name string, v dbus.Variant) *dbus.Error {
 	return prop.ErrReadOnly
+}
+
+// serialBefore is the highest deployment serial now ("" when there is
+// none): recovery removes newer deployments that no boot entry refers to.
+func serialBefore(sysroot string) string {
+	deps, err := deploy.List(store.At(sysroot))
+	if err != nil || len(deps) == 0 {
+		return ""
+	}
+	return strconv.FormatUint(deps[len(deps)-1].Serial(), 10)
 }

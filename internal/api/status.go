@@ -139,6 +139,9 @@ func ReadStatus(opts StatusOptions) (*Host, error) {
 		sysroot = "/"
 	}
 	l := store.At(sysroot)
+	if fi, err := os.Stat(l.Root); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("status: no berth installation at %s", l.Root)
+	}
 	deps, err := deploy.List(l)
 	if err != nil {
 		return nil, fmt.Errorf("status: %w", err)

@@ -2,6 +2,7 @@ package api
 
 import (
 	"encoding/json"
+	"encoding/xml"
 	"os"
 	"strings"
 	"testing"
@@ -88,5 +89,79 @@ func TestSchemaValidatorRejects(t *testing.T) {
 		if err := ValidateJSONSchema(schema, []byte(bad)); err == nil {
 			t.Errorf("accepted %s", bad)
 		}
+	}
+}
+
+func TestAutoUpdatePolicy(t *testing.T) {
+	dir := t.TempDir()
+	p := dir + "/auto-update"
+	if got, err := ReadAutoUpdatePolicy(p); err != nil || got != AutoNone {
+		t.Fatalf("missing file: %q %v", got, err)
+	}
+	for content, want := range map[string]string{
+		"stage\n":                                AutoStage,
+		"# comment\nAutomaticUpdatePolicy=apply": AutoApply,
+		"AutomaticUpdatePolicy = check # daily":  AutoCheck,
+		"none":                                   AutoNone,
+		"reboot-now":                             "",
+		"Policy=stage":                           "",
+	} {
+		os.WriteFile(p, []byte(content), 0o644)
+		got, err := ReadAutoUpdatePolicy(p)
+		if (want == "") != (err != nil) || got != want {
+			t.Errorf("%q: %q, %v; want %q", content, got, err, want)
+		}
+	}
+	if o, ok := ApplyAutoPolicy(AutoApply); !ok || !o.Apply {
+		t.Error("apply policy does not apply")
+	}
+	if _, ok := ApplyAutoPolicy(AutoNone); ok {
+		t.Error("none policy runs an upgrade")
+	}
+}
+
+// The shipped polkit policy declares exactly the actions berthd checks,
+// and the activation file starts berthd.service for org.berth1.
+func TestShippedFilesMatchCode(t *testing.T) {
+	b, err := os.ReadFile("../../data/polkit/org.berth1.policy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pc struct {
+		Actions []struct {
+			ID string `xml:"id,attr"`
+		} `xml:"action"`
+	}
+	if err := xml.Unmarshal(b, &pc); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, a := range pc.Actions {
+		got = append(got, a.ID)
+	}
+	want := []string{ActionUpgrade, ActionSwitch, ActionRollback, ActionCleanup, ActionLocalChanges}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("policy actions %v, code checks %v", got, want)
+	}
+	for _, a := range kindAction {
+		if !strings.Contains(string(b), `"`+a+`"`) {
+			t.Errorf("job action %s not in the policy", a)
+		}
+	}
+	svc, err := os.ReadFile("../../data/dbus/org.berth1.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range []string{"Name=" + BusName, "SystemdService=berthd.service", "User=root"} {
+		if !strings.Contains(string(svc), "\n"+line+"\n") {
+			t.Errorf("org.berth1.service lacks %q", line)
+		}
+	}
+	unit, err := os.ReadFile("../../units/berthd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(unit), "\nBusName="+BusName+"\n") || !strings.Contains(string(unit), "\nType=dbus\n") {
+		t.Error("berthd.service is not a Type=dbus service for org.berth1")
 	}
 }

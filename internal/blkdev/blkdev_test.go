@@ -1,6 +1,7 @@
 package blkdev
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -137,4 +138,24 @@ func TestProbeShortInput(t *testing.T) {
 			t.Fatalf("zeros probed as %s", d.FSType)
 		}
 	}
+}
+
+// FuzzProbe feeds hostile device contents to the superblock and partition
+// table parsers: they must not panic or read out of bounds.
+func FuzzProbe(f *testing.F) {
+	gpt := make([]byte, 4096)
+	gpt[510], gpt[511] = 0x55, 0xAA
+	copy(gpt[512:], "EFI PART")
+	gpt[512+72] = 2   // entries at LBA 2
+	gpt[512+80] = 4   // 4 entries
+	gpt[512+84] = 128 // of 128 bytes
+	f.Add(gpt)
+	ext := make([]byte, 2048)
+	ext[1024+56], ext[1024+57] = 0x53, 0xEF
+	f.Add(ext)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var d Device
+		Probe(b, &d)
+		ParsePartTable(bytes.NewReader(b), 512)
+	})
 }

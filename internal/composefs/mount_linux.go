@@ -29,9 +29,10 @@ type MountOptions struct {
 	Verity  bool   // verity=require
 }
 
-// forceLoop makes Mount skip the file-backed EROFS mount (tests of the
-// loop fallback on kernels that have both).
-var forceLoop = false
+// forceLoop and forceLegacyLowerdir make Mount take the fallbacks for
+// older kernels (no file-backed EROFS; no lowerdir+/datadir+) so tests
+// exercise them on new kernels too.
+var forceLoop, forceLegacyLowerdir = false, false
 
 // Mount mounts a composefs image at target: the image as a detached EROFS
 // mount (file-backed, or on a loop device when the kernel cannot mount
@@ -218,6 +219,11 @@ func mountErofsSource(source string) (int, error) {
 	if err := unix.FsconfigSetString(int(ctx), "source", source); err != nil {
 		return -1, ctx.wrap("erofs source "+source, err)
 	}
+	// A read-only superblock: a block device (the read-only loop) is then
+	// opened for reading only.
+	if err := unix.FsconfigSetFlag(int(ctx), "ro"); err != nil {
+		return -1, ctx.wrap("erofs ro", err)
+	}
 	if err := unix.FsconfigCreate(int(ctx)); err != nil {
 		return -1, ctx.wrap("mount erofs "+source, err)
 	}
@@ -279,7 +285,7 @@ func attachLoop(image string) (*loopDev, error) {
 // createOverlay returns a detached overlay mount over the EROFS mount.
 func createOverlay(erofsFd int, opts MountOptions) (int, error) {
 	lower := fmt.Sprintf("/proc/self/fd/%d", erofsFd)
-	fd, err := overlayWith(lower, opts, true)
+	fd, err := overlayWith(lower, opts, !forceLegacyLowerdir)
 	if errors.Is(err, errNoAppendKeys) {
 		// Linux 6.5–6.7: no lowerdir+/datadir+, but "A::B" data-only syntax.
 		fd, err = overlayWith(lower, opts, false)

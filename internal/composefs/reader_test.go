@@ -451,3 +451,28 @@ func FuzzReader(f *testing.F) {
 		WalkTree(tree, func(string, *Inode) error { return nil })
 	})
 }
+
+func TestListing(t *testing.T) {
+	root := sampleTree(t, nil, false)
+	var buf bytes.Buffer
+	if err := WriteListing(&buf, root, true); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	for _, want := range []string{
+		"drwxr-xr-x      0      0            0 2023-11-14T22:13:20Z /\n",
+		"-rwsr-xr-x      0      0          100 2023-11-14T22:13:20Z /setuid @",
+		"crw-------      0      0    300,70000 2023-11-14T22:13:20Z /chr-big\n",
+		"drwxrwxrwt ",
+		"lrwxrwxrwx   1234   4321            3 2023-11-14T22:13:20Z /sym -> big\n",
+		"-rw-r--r--  70000  70001           70 ",
+		"2023-06-15T12:34:56.123456789Z /mtime-nsec\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("listing lacks %q", want)
+		}
+	}
+	if n := strings.Count(out, "\n"); n != countEntries(root) {
+		t.Errorf("%d lines, want %d", n, countEntries(root))
+	}
+}

@@ -47,41 +47,41 @@ func vectorDir(t *testing.T) string {
 	return ""
 }
 
-type vectorImage struct {
+type wtVectorImage struct {
 	tree, variant string
 	digest, sha   string
 	size          int64
 	version       uint32
 }
 
-type vectorObject struct {
+type wtVectorObject struct {
 	path string
 	size int64
 }
 
-type vectorFile struct {
+type wtVectorFile struct {
 	variants map[string]WriteOptions // from the "#   name : mkcomposefs ..." lines
-	images   []vectorImage
-	objects  map[string][]vectorObject // per tree
+	images   []wtVectorImage
+	objects  map[string][]wtVectorObject // per tree
 }
 
-var variantLine = regexp.MustCompile(`^#\s+(\w+)\s*:\s*mkcomposefs\s+(.*)$`)
+var wtVariantLine = regexp.MustCompile(`^#\s+(\w+)\s*:\s*mkcomposefs\s+(.*)$`)
 
-// parseExpected reads EXPECTED-DIGESTS.txt, including the mkcomposefs
+// wtParseExpected reads EXPECTED-DIGESTS.txt, including the mkcomposefs
 // version flags each variant was made with.
-func parseExpected(t *testing.T, path string) vectorFile {
+func wtParseExpected(t *testing.T, path string) wtVectorFile {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	vf := vectorFile{variants: map[string]WriteOptions{}, objects: map[string][]vectorObject{}}
+	vf := wtVectorFile{variants: map[string]WriteOptions{}, objects: map[string][]wtVectorObject{}}
 	tree := ""
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		line := sc.Text()
-		if m := variantLine.FindStringSubmatch(line); m != nil {
+		if m := wtVariantLine.FindStringSubmatch(line); m != nil {
 			var min, max int
 			var minSet, maxSet bool
 			for _, arg := range strings.Fields(m[2]) {
@@ -111,7 +111,7 @@ func parseExpected(t *testing.T, path string) vectorFile {
 			if err1 != nil || err2 != nil {
 				t.Fatalf("bad line %q", line)
 			}
-			vf.images = append(vf.images, vectorImage{fields[0], fields[1], fields[2], fields[3], size, uint32(ver)})
+			vf.images = append(vf.images, wtVectorImage{fields[0], fields[1], fields[2], fields[3], size, uint32(ver)})
 			continue
 		}
 		if tree != "" && len(fields) >= 3 {
@@ -119,7 +119,7 @@ func parseExpected(t *testing.T, path string) vectorFile {
 			if err != nil {
 				t.Fatalf("bad object line %q", line)
 			}
-			vf.objects[tree] = append(vf.objects[tree], vectorObject{fields[0], size})
+			vf.objects[tree] = append(vf.objects[tree], wtVectorObject{fields[0], size})
 			continue
 		}
 		t.Fatalf("unrecognized line in %s: %q", path, line)
@@ -159,7 +159,7 @@ func makeTrees(t *testing.T, dir string) string {
 // filled through ScanDir holds.
 func TestReferenceVectors(t *testing.T) {
 	dir := vectorDir(t)
-	vf := parseExpected(t, filepath.Join(dir, "EXPECTED-DIGESTS.txt"))
+	vf := wtParseExpected(t, filepath.Join(dir, "EXPECTED-DIGESTS.txt"))
 	trees := makeTrees(t, dir)
 
 	scanned := map[string]*Inode{}
@@ -218,7 +218,7 @@ func TestReferenceVectors(t *testing.T) {
 		if err := b.Commit(); err != nil {
 			t.Fatal(err)
 		}
-		var got []vectorObject
+		var got []wtVectorObject
 		err = filepath.WalkDir(storeDir, func(p string, e fs.DirEntry, err error) error {
 			if err != nil || e.IsDir() {
 				return err
@@ -228,7 +228,7 @@ func TestReferenceVectors(t *testing.T) {
 				return err
 			}
 			rel, _ := filepath.Rel(storeDir, p)
-			got = append(got, vectorObject{rel, fi.Size()})
+			got = append(got, wtVectorObject{rel, fi.Size()})
 			return nil
 		})
 		if err != nil {

@@ -544,23 +544,32 @@ func (im *wrImage) shareXattrs() {
 		count int
 		id    int32
 	}
-	uses := map[string]*use{}
-	key := func(x Xattr) string { return x.Key + "\x00" + string(x.Value) }
+	var uses []use
+	index := make(map[string]int32, len(im.bfs))
+	var key []byte
+	// First pass: count each (name, value) pair; n.shared temporarily
+	// holds the index into uses of each of the node's xattrs.
 	for _, n := range im.bfs {
-		for _, x := range n.xattrs {
-			k := key(x)
-			u := uses[k]
-			if u == nil {
-				u = &use{x: x, id: -1}
-				uses[k] = u
+		if len(n.xattrs) == 0 {
+			continue
+		}
+		n.shared = make([]int32, len(n.xattrs))
+		for i, x := range n.xattrs {
+			key = append(append(append(key[:0], x.Key...), 0), x.Value...)
+			u, ok := index[string(key)]
+			if !ok {
+				u = int32(len(uses))
+				uses = append(uses, use{x: x, id: -1})
+				index[string(key)] = u
 			}
-			u.count++
+			uses[u].count++
+			n.shared[i] = u
 		}
 	}
 	var shared []*use
-	for _, u := range uses {
-		if u.count > 1 {
-			shared = append(shared, u)
+	for i := range uses {
+		if uses[i].count > 1 {
+			shared = append(shared, &uses[i])
 		}
 	}
 	// Descending by name, then value length, then value bytes.
@@ -586,14 +595,14 @@ func (im *wrImage) shareXattrs() {
 		if len(n.xattrs) == 0 {
 			continue
 		}
-		n.shared = make([]int32, len(n.xattrs))
 		unsharedSize := 0
-		for i, x := range n.xattrs {
-			n.shared[i] = -1
-			if u := uses[key(x)]; u.id >= 0 && n.nShared < wrMaxSharedXattrsPerInode {
-				n.shared[i] = u.id
+		for i := range n.xattrs {
+			id := uses[n.shared[i]].id
+			if id >= 0 && n.nShared < wrMaxSharedXattrsPerInode {
+				n.shared[i] = id
 				n.nShared++
 			} else {
+				n.shared[i] = -1
 				unsharedSize += wrXattrEntrySize(&n.xattrs[i])
 			}
 		}

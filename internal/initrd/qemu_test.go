@@ -113,14 +113,14 @@ func TestQEMUSmoke(t *testing.T) {
 	}
 	t.Logf("initramfs: %d bytes, %d modules", rep.Size, len(rep.Modules))
 
-	boot := func(n int) string {
-		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	boot := func(n int, args string) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
 		accel := "tcg,thread=multi"
 		c := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", accel, "-cpu", "qemu64", "-m", "1024", "-smp", "2",
 			"-nographic", "-no-reboot", "-kernel", filepath.Join(trixie, "boot", "vmlinuz-"+kver), "-initrd", initrd,
 			"-drive", "file="+disk+",if=virtio,format=raw",
-			"-append", "console=ttyS0 panic=-1 loglevel=4 root=LABEL=berth-smoke berth.composefs="+digest+" berth.deploy="+id)
+			"-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check root=LABEL=berth-smoke "+args)
 		start := time.Now()
 		out, err := c.CombinedOutput()
 		log := string(out)
@@ -130,13 +130,14 @@ func TestQEMUSmoke(t *testing.T) {
 		t.Logf("boot %d: qemu exited after %s (%v); serial (berth and guest lines):", n, time.Since(start).Round(time.Second), err)
 		for _, l := range strings.Split(log, "\n") {
 			if strings.Contains(l, "berth") || strings.Contains(l, "GUEST") || strings.Contains(l, "Kernel panic") ||
-				strings.Contains(l, "overlayfs") || strings.Contains(l, "erofs") || strings.Contains(l, "Problem:") || strings.Contains(l, "Fix:") {
+				strings.Contains(l, "overlayfs") || strings.Contains(l, "erofs") || strings.Contains(l, "Problem:") || strings.Contains(l, "Fix:") || strings.Contains(l, "reboot:") {
 				t.Log("  " + strings.TrimRight(l, "\r"))
 			}
 		}
 		return log
 	}
-	log := boot(1)
+	good := "berth.composefs=" + digest + " berth.deploy=" + id
+	log := boot(1, good)
 	for _, want := range []string{
 		`berth: modules for ` + regexp.QuoteMeta(kver) + ` loaded in [^:]+: \d+ by the kernel from compressed files, 0 uncompressed, 0 decompressed by berth-init, \d+ already loaded, \d+ not for this hardware, 0 failed`,
 		`berth: root device /dev/vda TYPE="ext4"`,
@@ -145,6 +146,8 @@ func TestQEMUSmoke(t *testing.T) {
 		`GUEST: hello content ok=true`,
 		`GUEST: image verity sha256:` + digest,
 		`GUEST: verity-pending marker present=false`,
+		`GUEST: dpkg status "Package: image\\n" err=<nil>`,
+		`GUEST: shared /var/log present=true`,
 		`"verity": "required"`,
 		`GUEST: first boot: wrote /usr/local/first-boot err=<nil>`,
 		`GUEST: done`,
@@ -156,7 +159,7 @@ func TestQEMUSmoke(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	log = boot(2)
+	log = boot(2, good)
 	for _, want := range []string{`GUEST: second boot: persistent change found`, `GUEST: done`} {
 		if !strings.Contains(log, want) {
 			t.Errorf("boot 2: serial log lacks %q", want)
@@ -164,5 +167,31 @@ func TestQEMUSmoke(t *testing.T) {
 	}
 	if strings.Contains(log, "berth: sealed") {
 		t.Error("boot 2 sealed again although the marker was removed")
+	}
+	if t.Failed() {
+		return
+	}
+
+	// Boot 3: the entry names an image whose content is not what its name
+	// says (a copy of the real image under another digest). berth-init must
+	// refuse on the console and reboot (qemu -no-reboot then exits).
+	if _, err := exec.LookPath("debugfs"); err != nil {
+		t.Skip("debugfs not installed: the refusal boot is skipped")
+	}
+	other := strings.Repeat("ab", 32)
+	cmds := "mkdir /berth/deploy/other\nwrite " + l.Image(digest) + " /berth/repo/images/" + other + "\n"
+	dfs := exec.Command("debugfs", "-w", "-f", "-", disk)
+	dfs.Stdin = strings.NewReader(cmds)
+	if o, err := dfs.CombinedOutput(); err != nil {
+		t.Fatalf("debugfs: %v\n%s", err, o)
+	}
+	log = boot(3, "berth.composefs=?"+other+" berth.deploy=other")
+	for _, want := range []string{"berth: cannot boot", "Problem: composefs image digest mismatch", "Fix:", "berth: rebooting in 30s", "reboot: Restarting system"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("boot 3: serial log lacks %q", want)
+		}
+	}
+	if strings.Contains(log, "GUEST:") {
+		t.Error("boot 3 ran the image's init despite the digest mismatch")
 	}
 }

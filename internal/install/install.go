@@ -147,7 +147,9 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 		if cerr := cl.run(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
 		}
-		res.Total = time.Since(st.start)
+		if res != nil {
+			res.Total = time.Since(st.start)
+		}
 	}()
 
 	var t *target
@@ -251,7 +253,11 @@ func ToFilesystem(ctx context.Context, rootDir, espDir string, opts Options) (re
 	}
 	res = &Result{}
 	st := &stepper{rep: opts.Progress, res: res, start: time.Now()}
-	defer func() { res.Total = time.Since(st.start) }()
+	defer func() {
+		if res != nil {
+			res.Total = time.Since(st.start)
+		}
+	}()
 	var rootSpec string
 	if err := st.do("check "+rootDir+" and ESP "+espDir, func() (string, error) {
 		var err error
@@ -411,7 +417,11 @@ func DeployImage(sysroot, espDir string, img *oci.Image, o DeployOptions) (*Resu
 	}
 	res := &Result{}
 	st := &stepper{rep: opts.Progress, res: res, start: time.Now()}
-	defer func() { res.Total = time.Since(st.start) }()
+	defer func() {
+		if res != nil {
+			res.Total = time.Since(st.start)
+		}
+	}()
 	if _, err := os.Stat(espDir); err != nil {
 		return nil, fmt.Errorf("ESP %s: %w", espDir, err)
 	}

@@ -71,7 +71,7 @@ func testRuntime(t *testing.T) *runtime.Set {
 		if binErr != nil {
 			return
 		}
-		cmd := exec.Command("go", "build", "-trimpath", "-tags", "containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devicemapper",
+		cmd := exec.Command("go", "build", "-tags", "containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devicemapper",
 			"-o", binDir+"/", "./cmd/berth", "./cmd/berth-init")
 		cmd.Dir = repo
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -315,6 +315,27 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 		return nil, fmt.Errorf("config %s lists %d rootfs.diff_ids for %d manifest layers", cfgInfo.Digest, len(cfg.RootFS.DiffIDs), len(layerInfos))
 	}
 
+	// The config (verified above) fixes the layers' diff_ids and so the
+	// whole tree: an image recorded with the same config has exactly this
+	// composefs image, and a recorded image's objects are kept by Cleanup.
+	if known := recordedWithConfig(sysroot, cfgInfo.Digest.String()); known != nil {
+		img := *known
+		img.ManifestDigest = md.String()
+		img.Pulled = time.Now().UTC()
+		img.Stats = &PullStats{LayersReused: len(layerInfos)}
+		for i := range img.Layers {
+			if i < len(layerInfos) {
+				img.Layers[i].Digest = layerInfos[i].Digest.String()
+				img.Layers[i].Size = layerInfos[i].Size
+				img.Layers[i].MediaType = layerInfos[i].MediaType
+			}
+		}
+		if err := saveBlob(sysroot, md, manBlob); err != nil {
+			return nil, err
+		}
+		return &img, nil
+	}
+
 	objects, err := composefs.OpenStore(store.At(sysroot).Objects(), fsverity.SHA256)
 	if err != nil {
 		return nil, err

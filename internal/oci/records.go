@@ -281,3 +281,21 @@ func lockRepo(sysroot string, exclusive bool) (*repoLock, error) {
 }
 
 func (l *repoLock) Unlock() { l.f.Close() }
+
+// recordedWithConfig returns a record of an image with this config whose
+// composefs image is present, or nil.
+func recordedWithConfig(sysroot, configDigest string) *Image {
+	imgs, err := ListImages(sysroot)
+	if err != nil {
+		return nil
+	}
+	for _, img := range imgs {
+		if img.ConfigDigest != configDigest || len(img.ComposefsDigest) != 64 || !isHex(img.ComposefsDigest) {
+			continue
+		}
+		if fi, err := os.Stat(store.At(sysroot).Image(img.ComposefsDigest)); err == nil && fi.Mode().IsRegular() {
+			return img
+		}
+	}
+	return nil
+}

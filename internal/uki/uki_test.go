@@ -302,21 +302,9 @@ func TestSignedUKIVerifies(t *testing.T) {
 // root (the guest rootfs, else the cached tools chroot) with that root's
 // own dynamic loader, so input files are read from the host paths.
 func systemdMeasure(t *testing.T) func(args ...string) []byte {
-	root := ""
-	if guestReady() {
-		root = guestRootfs
-	} else {
-		if os.Geteuid() != 0 {
-			t.Skip("systemd-measure needs the trixie guest rootfs or a tools chroot, which needs root to build")
-		}
-		if _, err := exec.LookPath("mmdebstrap"); err != nil {
-			t.Skip("no trixie root with systemd-measure and mmdebstrap is not installed to build one")
-		}
-		out, err := exec.Command("../../test/uki/build-tools.sh").Output()
-		if err != nil {
-			t.Fatalf("test/uki/build-tools.sh: %v", err)
-		}
-		root = strings.TrimSpace(string(out))
+	root := guestRootfs
+	if !guestReady() {
+		root = toolsRoot(t)
 	}
 	return func(args ...string) []byte {
 		cmd := exec.Command(root+"/usr/lib64/ld-linux-x86-64.so.2",
@@ -497,5 +485,102 @@ func TestFindStub(t *testing.T) {
 	_, _, err = FindStub(os.DirFS(t.TempDir()))
 	if err == nil || !strings.Contains(err.Error(), "systemd-boot-efi") {
 		t.Errorf("want an error naming the packages, got %v", err)
+	}
+}
+
+// TestRelocationIntoMovedSection: the 252 stub's .sbat/.sdmagic may only be
+// moved when no base relocation patches them.
+func TestRelocationIntoMovedSection(t *testing.T) {
+	b, err := os.ReadFile(hostStub)
+	if err != nil {
+		t.Skip("host has no systemd-boot-efi")
+	}
+	p, err := parsePE(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := p.find(".sdmagic")
+	rrva, size := p.dataDir(dirBaseReloc)
+	if i < 0 || size < 10 {
+		t.Skip("this stub has no .sdmagic after .sbat or no relocations")
+	}
+	opts := Options{Stub: b, Linux: []byte("kernel"), Cmdline: "x"}
+	if _, _, err := Assemble(opts); err != nil {
+		t.Fatalf("unmodified stub: %v", err)
+	}
+	// Point the first relocation block at the .sdmagic page.
+	for _, s := range p.sections {
+		if rrva >= s.VirtualAddress && rrva < s.VirtualAddress+s.VirtualSize {
+			off := s.PointerToRaw + (rrva - s.VirtualAddress)
+			evil := append([]byte(nil), b...)
+			binary.LittleEndian.PutUint32(evil[off:], p.sections[i].VirtualAddress&^0xfff)
+			binary.LittleEndian.PutUint16(evil[off+8:], 0xa000|uint16(p.sections[i].VirtualAddress&0xfff))
+			opts.Stub = evil
+			if _, _, err := Assemble(opts); err == nil || !strings.Contains(err.Error(), "base relocation") {
+				t.Errorf("relocation into .sdmagic: %v", err)
+			}
+			return
+		}
+	}
+	t.Fatal("relocation table not found in a section")
+}
+
+// toolsRoot returns the cached trixie tools chroot (test/uki/build-tools.sh),
+// building it when mmdebstrap is there.
+func toolsRoot(t *testing.T) string {
+	if os.Geteuid() != 0 {
+		t.Skip("the trixie tools chroot needs root (mmdebstrap, chroot)")
+	}
+	if _, err := exec.LookPath("mmdebstrap"); err != nil {
+		t.Skip("mmdebstrap is not installed: cannot build the trixie tools chroot")
+	}
+	out, err := exec.Command("../../test/uki/build-tools.sh").Output()
+	if err != nil {
+		t.Fatalf("test/uki/build-tools.sh: %v", err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// TestMatchesUkify builds the same UKI with systemd 257's ukify and with
+// Build: every section's content (including the merged .sbat) is the same.
+func TestMatchesUkify(t *testing.T) {
+	if !guestReady() {
+		t.Skip("needs the trixie guest rootfs for a real kernel and initrd")
+	}
+	root := toolsRoot(t)
+	work, err := os.MkdirTemp(filepath.Join(root, "tmp"), "berth-uki-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(work)
+	in := "/tmp/" + filepath.Base(work)
+	opts := testOptions(t, root+"/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+	for name, b := range map[string][]byte{"linux": opts.Linux, "initrd": opts.Initrds[0], "osrel": opts.OSRelease} {
+		if err := os.WriteFile(filepath.Join(work, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "chroot", root, "ukify", "build", "--linux="+in+"/linux", "--initrd="+in+"/initrd",
+		"--cmdline="+opts.Cmdline, "--os-release=@"+in+"/osrel", "--uname="+opts.Uname,
+		"--stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "--output="+in+"/ukify.efi")
+	theirs, err := ReadSectionsFile(filepath.Join(work, "ukify.efi"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, _, err := Assemble(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, err := ReadSections(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ours) != len(theirs) {
+		t.Errorf("%d sections, ukify %d", len(ours), len(theirs))
+	}
+	for name, b := range theirs {
+		if !bytes.Equal(ours[name], b) {
+			t.Errorf("section %s differs from ukify's (%d vs %d bytes)", name, len(ours[name]), len(b))
+		}
 	}
 }

@@ -146,18 +146,13 @@ func installGuest(t *testing.T, name string, r harness.Recipe) *guest {
 		g.img = guestImage(t, r)
 		os.MkdirAll(g.dir, 0o755)
 		disk := filepath.Join(g.dir, "disk.img")
-		if err := os.Truncate(disk, 0); err != nil && !os.IsNotExist(err) {
-			t.Fatal(err)
-		}
-		f, err := os.Create(disk)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.Truncate(6 << 30) // sparse; berth partitions it
-		f.Close()
+		os.Remove(disk)
 		start := time.Now()
+		// console=ttyS0 last makes the serial port /dev/console, so berth-init's and
+		// systemd's messages of UEFI boots land in the serial log too.
 		args := []string{"-k", "10", fmt.Sprint(int(installTimeout.Seconds())), berth, "install", "to-disk", disk,
-			"--image", g.img.Ref(), "--wipe", "--root-ssh-authorized-keys", lane.key.Public}
+			"--image", g.img.Ref(), "--wipe", "--size", "6G", "--root-ssh-authorized-keys", lane.key.Public,
+			"--karg", "console=ttyS0,115200"}
 		cmd := exec.Command("timeout", args...)
 		out, err := cmd.CombinedOutput()
 		os.WriteFile(filepath.Join(g.dir, "install.log"), out, 0o644)

@@ -70,14 +70,9 @@ func demo(ctx context.Context) error {
 		return err
 	}
 	os.Remove(p.disk)
-	f, err := os.Create(p.disk)
-	if err != nil {
-		return err
-	}
-	f.Truncate(6 << 30)
-	f.Close()
 	berth := filepath.Join(p.src, "bin", "berth")
-	args := []string{"install", "to-disk", p.disk, "--image", img.Ref(), "--wipe", "--root-ssh-authorized-keys", key.Public}
+	args := []string{"install", "to-disk", p.disk, "--image", img.Ref(), "--wipe", "--size", "6G",
+		"--root-ssh-authorized-keys", key.Public, "--karg", "console=ttyS0,115200"}
 	say("berth %s", strings.Join(args, " "))
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, "timeout", append([]string{"-k", "10", "1200", berth}, args...)...)
