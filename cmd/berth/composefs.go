@@ -34,24 +34,25 @@ func newComposefsCmd() *cobra.Command {
 
 // composefsBuildFlags are the mkcomposefs flags shared by create and digest.
 type composefsBuildFlags struct {
-	minVersion, maxVersion                        int
+	minVersion, maxVersion, threads               int
 	useEpoch, skipDevices, skipXattrs, userXattrs bool
 }
 
 func (b *composefsBuildFlags) register(cmd *cobra.Command) {
 	f := cmd.Flags()
-	f.IntVar(&b.minVersion, "min-version", 0, "lowest composefs format version `N` to use (default 0)")
-	f.IntVar(&b.maxVersion, "max-version", 1, "highest composefs format version `N` to use when the tree needs it (default 1)")
+	f.IntVar(&b.minVersion, "min-version", 0, "lowest composefs format version `N` to use")
+	f.IntVar(&b.maxVersion, "max-version", 1, "highest composefs format version `N` to use when the tree needs it")
 	f.BoolVar(&b.useEpoch, "use-epoch", false, "make all mtimes zero")
 	f.BoolVar(&b.skipDevices, "skip-devices", false, "leave out device nodes")
 	f.BoolVar(&b.skipXattrs, "skip-xattrs", false, "store no xattrs")
 	f.BoolVar(&b.userXattrs, "user-xattrs", false, "store only user.* xattrs")
+	f.IntVar(&b.threads, "threads", 0, "read and hash files with `N` threads (default: number of CPUs)")
 }
 
 func (b *composefsBuildFlags) options(cmd *cobra.Command) (composefs.ScanOptions, composefs.WriteOptions) {
 	f := cmd.Flags()
 	w := composefs.VersionOptions(b.minVersion, b.maxVersion, f.Changed("min-version"), f.Changed("max-version"))
-	s := composefs.ScanOptions{UseEpoch: b.useEpoch, SkipDevices: b.skipDevices, SkipXattrs: b.skipXattrs, UserXattrs: b.userXattrs}
+	s := composefs.ScanOptions{Workers: b.threads, UseEpoch: b.useEpoch, SkipDevices: b.skipDevices, SkipXattrs: b.skipXattrs, UserXattrs: b.userXattrs}
 	return s, w
 }
 

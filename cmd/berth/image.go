@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -94,6 +95,13 @@ func imageHumanSize(n int64) string {
 	return fmt.Sprintf("%d B", n)
 }
 
+func imageTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format("2006-01-02 15:04:05 MST")
+}
+
 func newImageLsCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "ls",
@@ -139,7 +147,7 @@ func newImageInspectCmd() *cobra.Command {
 			}
 			fmt.Printf("Ref:        %s\nTransport:  %s\nManifest:   %s\nConfig:     %s\nComposefs:  %s\nKernels:    %s\nPlatform:   %s/%s\nSize:       %s in %d files\nCreated:    %s\nPulled:     %s\nLayers:\n",
 				img.Ref, img.Transport, img.ManifestDigest, img.ConfigDigest, img.ComposefsDigest, kernelList(img),
-				img.OS, img.Architecture, imageHumanSize(img.Size), img.Files, img.Created.Format("2006-01-02 15:04:05 MST"), img.Pulled.Format("2006-01-02 15:04:05 MST"))
+				img.OS, img.Architecture, imageHumanSize(img.Size), img.Files, imageTime(img.Created), imageTime(img.Pulled))
 			for i, l := range img.Layers {
 				fmt.Printf("  %2d  %s  %10s  %d entries\n", i, l.Digest, imageHumanSize(l.Size), l.Files)
 			}

@@ -22,6 +22,7 @@ import (
 	"github.com/berth-dev/berth/internal/install"
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/progress"
+	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -64,6 +65,11 @@ type SysrootEngine struct {
 	// PolicyPath and InsecureTLS are passed to oci.Pull.
 	PolicyPath  string
 	InsecureTLS bool
+	// Runtime is berth's runtime injected into new deployments; nil
+	// locates the running berth's own (install.DeployImage's default).
+	Runtime *runtime.Set
+	// Root is the root= of new deployments; "" takes the running system's.
+	Root string
 }
 
 func (e *SysrootEngine) layout() store.Layout { return store.At(e.Sysroot) }
@@ -154,8 +160,10 @@ func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin s
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
+	// The same image (manifest) is already deployed. Composefs digests do
+	// not compare: a deployment's includes berth's injected runtime.
 	for _, d := range deps {
-		if d.ComposefsDigest == img.ComposefsDigest && d.State != deploy.StateFailed {
+		if d.ManifestDigest == img.ManifestDigest && d.State != deploy.StateFailed {
 			if cur != nil && d.ID == cur.ID {
 				return fmt.Sprintf("no update: %s is what deployment %s runs (%s)", ref, d.ID, img.ManifestDigest), nil
 			}
@@ -171,7 +179,7 @@ func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin s
 	if cur != nil && cur.LocalMode != "" {
 		mode = cur.LocalMode
 	}
-	do := install.DeployOptions{LocalMode: mode, Origin: origin, InsecureNoVerity: e.insecureNoVerity()}
+	do := install.DeployOptions{LocalMode: mode, Origin: origin, InsecureNoVerity: e.insecureNoVerity(), Runtime: e.Runtime, Root: e.Root}
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}

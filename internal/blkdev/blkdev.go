@@ -144,7 +144,7 @@ func (sc Scanner) Scan() ([]Device, error) {
 		return nil, fmt.Errorf("list block devices: %w", err)
 	}
 	var out []Device
-	disks := map[string]*partTable{}
+	disks := map[string]map[int]Partition{}
 	for _, e := range ents {
 		ue := readUevent(filepath.Join(sys, "class", "block", e.Name(), "uevent"))
 		name := ue["DEVNAME"]
@@ -167,14 +167,12 @@ func (sc Scanner) Scan() ([]Device, error) {
 				pt = readPartTable(filepath.Join(dev, d.Parent), sys, d.Parent)
 				disks[d.Parent] = pt
 			}
-			if pt != nil {
-				if e, ok := pt.entries[d.Partition]; ok {
-					if d.PartUUID == "" {
-						d.PartUUID = e.uuid
-					}
-					if d.PartLabel == "" {
-						d.PartLabel = e.label
-					}
+			if e, ok := pt[d.Partition]; ok {
+				if d.PartUUID == "" {
+					d.PartUUID = e.UUID
+				}
+				if d.PartLabel == "" {
+					d.PartLabel = e.Label
 				}
 			}
 		}
@@ -309,11 +307,14 @@ func guidString(g []byte) string {
 		binary.LittleEndian.Uint16(g[6:8]), g[8:10], g[10:16])
 }
 
-type partEntry struct{ uuid, label string }
-type partTable struct{ entries map[int]partEntry }
+// Partition is one entry of a partition table.
+type Partition struct {
+	UUID  string // GPT unique partition GUID, or "<MBR signature>-<NN>", lowercase
+	Label string // GPT partition name
+}
 
 // readPartTable reads a GPT (or, failing that, an MBR) partition table.
-func readPartTable(devPath, sys, disk string) *partTable {
+func readPartTable(devPath, sys, disk string) map[int]Partition {
 	f, err := os.Open(devPath)
 	if err != nil {
 		return nil
@@ -330,14 +331,14 @@ func readPartTable(devPath, sys, disk string) *partTable {
 }
 
 // ParsePartTable parses a GPT (protective MBR + header at LBA 1) or an MBR
-// and returns the partition UUIDs by partition number. Hostile tables are
-// bounded: at most 256 GPT entries of at most 4 KiB are read.
-func ParsePartTable(r io.ReaderAt, sector int) *partTable {
+// and returns its partitions by number (nil when there is no table).
+// Hostile tables are bounded: at most 256 GPT entries of at most 4 KiB.
+func ParsePartTable(r io.ReaderAt, sector int) map[int]Partition {
 	mbr := make([]byte, 512)
 	if _, err := r.ReadAt(mbr, 0); err != nil || mbr[510] != 0x55 || mbr[511] != 0xAA {
 		return nil
 	}
-	pt := &partTable{entries: map[int]partEntry{}}
+	pt := map[int]Partition{}
 	hdr := make([]byte, 92)
 	if _, err := r.ReadAt(hdr, int64(sector)); err == nil && string(hdr[0:8]) == "EFI PART" {
 		lba := binary.LittleEndian.Uint64(hdr[72:])
@@ -357,14 +358,14 @@ func ParsePartTable(r io.ReaderAt, sector int) *partTable {
 			if bytes.Equal(ent[0:16], make([]byte, 16)) {
 				continue // unused entry
 			}
-			pt.entries[int(i)+1] = partEntry{uuid: guidString(ent[16:32]), label: utf16Name(ent[56:128])}
+			pt[int(i)+1] = Partition{UUID: guidString(ent[16:32]), Label: utf16Name(ent[56:128])}
 		}
 		return pt
 	}
 	sig := binary.LittleEndian.Uint32(mbr[440:])
 	for i := 0; i < 4; i++ {
 		if mbr[446+16*i+4] != 0 {
-			pt.entries[i+1] = partEntry{uuid: fmt.Sprintf("%08x-%02x", sig, i+1)}
+			pt[i+1] = Partition{UUID: fmt.Sprintf("%08x-%02x", sig, i+1)}
 		}
 	}
 	return pt

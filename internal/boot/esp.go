@@ -113,8 +113,9 @@ func efiArchName() string {
 
 // InstallSystemdBoot copies systemd-boot from root (an image tree, or
 // os.DirFS("/") for the host) to EFI/systemd/ and to the removable-media
-// path EFI/BOOT/, creates the entry directories, and writes loader.conf if
-// there is none. A Secure Boot–signed build (*.efi.signed) is preferred.
+// path EFI/BOOT/ (unless another boot loader is there), creates the entry
+// directories, and writes loader.conf if there is none. A Secure
+// Boot–signed build (*.efi.signed) is preferred.
 func (e ESP) InstallSystemdBoot(root fs.FS) error {
 	arch := efiArchName()
 	var src []byte
@@ -138,7 +139,7 @@ func (e ESP) InstallSystemdBoot(root fs.FS) error {
 	if src == nil {
 		return fmt.Errorf("install systemd-boot: no systemd-boot%s.efi found (Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned, Arch systemd)", arch)
 	}
-	if _, err := uki.ReadSections(src); err != nil {
+	if err := uki.CheckPE(src); err != nil {
 		return fmt.Errorf("install systemd-boot: %s: %w", from, err)
 	}
 	for _, d := range []string{"EFI/systemd", "EFI/BOOT", LinuxDir, EntriesDir} {
@@ -147,7 +148,14 @@ func (e ESP) InstallSystemdBoot(root fs.FS) error {
 		}
 	}
 	// The main copy first, the fallback second: at no instant are both gone.
-	for _, dst := range []string{"EFI/systemd/systemd-boot" + arch + ".efi", "EFI/BOOT/BOOT" + strings.ToUpper(arch) + ".EFI"} {
+	// The removable-media path is only taken when it is free or already
+	// systemd-boot: another OS's boot loader there (a stock system kept
+	// next to berth) is left alone; firmware then boots systemd-boot
+	// through a Boot#### entry (efivar.Store.EnsureBootEntry).
+	for i, dst := range []string{"EFI/systemd/systemd-boot" + arch + ".efi", "EFI/BOOT/BOOT" + strings.ToUpper(arch) + ".EFI"} {
+		if i == 1 && !isSystemdBootOrMissing(e.path(dst)) {
+			continue
+		}
 		if err := replaceFile(e.path(dst), func(w io.Writer) error { _, err := w.Write(src); return err }); err != nil {
 			return fmt.Errorf("install systemd-boot: %w", err)
 		}
@@ -172,6 +180,16 @@ func (e ESP) InstallSystemdBoot(root fs.FS) error {
 		}
 	}
 	return nil
+}
+
+// isSystemdBootOrMissing reports whether path does not exist or is a
+// systemd-boot binary (its .sdmagic names systemd-boot).
+func isSystemdBootOrMissing(path string) bool {
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+		return true
+	}
+	magic, err := uki.ReadSectionFile(path, ".sdmagic", 4096)
+	return err == nil && strings.Contains(string(magic), "systemd-boot")
 }
 
 func readRegularFS(fsys fs.FS, name string, limit int64) ([]byte, error) {

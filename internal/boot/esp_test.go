@@ -148,6 +148,15 @@ func TestESPLifecycleOnFAT(t *testing.T) {
 	if string(conf) != "timeout 3\ndefault berth-*\neditor no\n" {
 		t.Errorf("loader.conf:\n%s", conf)
 	}
+	// Another OS's loader at the removable path is left alone.
+	os.WriteFile(filepath.Join(dir, "EFI/BOOT/BOOTX64.EFI"), []byte("shim of the stock OS"), 0o644)
+	if err := esp.InstallSystemdBoot(os.DirFS("/")); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "EFI/BOOT/BOOTX64.EFI")); string(b) != "shim of the stock OS" {
+		t.Error("another boot loader at EFI/BOOT was overwritten")
+	}
+	os.Remove(filepath.Join(dir, "EFI/BOOT/BOOTX64.EFI"))
 	// Installing again keeps a user's loader.conf edits.
 	os.WriteFile(filepath.Join(dir, LoaderConf), []byte("timeout 5\ndefault berth-*\nconsole-mode max\n"), 0o644)
 	if err := esp.InstallSystemdBoot(os.DirFS("/")); err != nil {

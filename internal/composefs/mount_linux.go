@@ -72,6 +72,19 @@ func mount(target string, opts MountOptions) error {
 		return err
 	}
 	defer unix.Close(erofsFd)
+	// Linux before 6.15 refuses a detached mount as an overlay layer
+	// (clone_private_mount: "overlayfs: failed to clone lowerpath", EINVAL):
+	// attach the EROFS mount to a private temporary directory first; the
+	// overlay keeps its own clone, so it is detached again right after.
+	tmp, err := os.MkdirTemp("", "composefs-erofs-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	if err := unix.MoveMount(erofsFd, "", unix.AT_FDCWD, tmp, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("attach erofs at %s: %w", tmp, err)
+	}
+	defer unix.Unmount(tmp, unix.MNT_DETACH)
 	ovlFd, err := createOverlay(erofsFd, opts)
 	if err != nil {
 		return err

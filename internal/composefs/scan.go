@@ -396,8 +396,10 @@ func (w *scanWorker) readFile(j scanJob) error {
 
 // openNoatime opens a file for reading without updating its access time
 // when allowed (owner or CAP_FOWNER), so scanning does not dirty inodes.
+// O_NONBLOCK keeps a file swapped for a FIFO after lstat from hanging the
+// scan.
 func openNoatime(path string) (int, error) {
-	const flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	const flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC | unix.O_NONBLOCK
 	fd, err := unix.Open(path, flags|unix.O_NOATIME, 0)
 	if errors.Is(err, unix.EPERM) {
 		fd, err = unix.Open(path, flags, 0)

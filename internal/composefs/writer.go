@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	mbits "math/bits"
+	"slices"
 	"sort"
 	"strings"
 
@@ -472,7 +473,7 @@ func (im *wrImage) rewrite() error {
 			continue
 		}
 		n.ents = append(n.ents, wrDirent{name: ".", node: n, link: true}, wrDirent{name: "..", node: n.parent, link: true})
-		sort.Slice(n.ents, func(i, j int) bool { return n.ents[i].name < n.ents[j].name })
+		slices.SortFunc(n.ents, func(a, b wrDirent) int { return strings.Compare(a.name, b.name) })
 	}
 	for _, n := range im.dfs {
 		if acct := wrXattrAccount(n.xattrs); acct > wrMaxXattrAccount {
@@ -518,7 +519,9 @@ func (im *wrImage) order() {
 			}
 			n.nlink = nlink
 		}
-		sort.Slice(n.xattrs, func(a, b int) bool { return n.xattrs[a].Key < n.xattrs[b].Key })
+		if len(n.xattrs) > 1 {
+			slices.SortFunc(n.xattrs, func(a, b Xattr) int { return strings.Compare(a.Key, b.Key) })
+		}
 		if n.mtime.Before(im.minMtime) {
 			im.minMtime = n.mtime
 		}
@@ -544,8 +547,12 @@ func (im *wrImage) shareXattrs() {
 		count int
 		id    int32
 	}
-	var uses []use
-	index := make(map[string]int32, len(im.bfs))
+	total := 0
+	for _, n := range im.bfs {
+		total += len(n.xattrs)
+	}
+	uses := make([]use, 0, total)
+	index := make(map[string]int32, total)
 	var key []byte
 	// First pass: count each (name, value) pair; n.shared temporarily
 	// holds the index into uses of each of the node's xattrs.

@@ -196,7 +196,7 @@ func whiteout(dst string) error {
 	}
 	tmp := filepath.Join(filepath.Dir(dst), ".berth-merge-"+filepath.Base(dst))
 	os.RemoveAll(tmp)
-	if err := unix.Mknod(tmp, unix.S_IFCHR|0o000, 0); err != nil {
+	if err := unix.Mknod(tmp, unix.S_IFCHR, 0); err != nil {
 		return fmt.Errorf("whiteout: %w", err)
 	}
 	if fi, err := os.Lstat(dst); err == nil && fi.IsDir() {

@@ -2,12 +2,16 @@ package health
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/store"
 )
 
 func script(t *testing.T, dir, name, body string) {
@@ -76,5 +80,46 @@ func TestRunTimeoutAndUnits(t *testing.T) {
 	broken := func(context.Context) ([]string, error) { return nil, errors.New("no bus") }
 	if rep, _ := Run(context.Background(), Options{Dirs: []string{}, FailedUnits: broken}); rep.OK {
 		t.Fatal("a unit listing error must not pass as healthy")
+	}
+}
+
+func writeDeployment(t *testing.T, l store.Layout, id, state string) {
+	t.Helper()
+	digest := strings.Split(id, "-")[1] + strings.Repeat("0", 52)
+	d := deploy.Deployment{ID: id, ComposefsDigest: digest, State: state}
+	b, _ := json.Marshal(d)
+	os.MkdirAll(l.Deployment(id), 0o755)
+	if err := os.WriteFile(filepath.Join(l.Deployment(id), deploy.MetadataFile), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRecord(t *testing.T) {
+	sysroot := t.TempDir()
+	l := store.At(sysroot)
+	booted, abandoned := "2-bbbbbbbbbbbb", "3-cccccccccccc"
+	writeDeployment(t, l, "1-aaaaaaaaaaaa", deploy.StateBooted)
+	writeDeployment(t, l, booted, deploy.StateStaged)
+	writeDeployment(t, l, abandoned, deploy.StateStaged)
+
+	// Unhealthy: the booted one stays staged (not proven good).
+	if err := Record(sysroot, booted, &Report{OK: false}, []string{abandoned}); err != nil {
+		t.Fatal(err)
+	}
+	state := func(id string) string {
+		d, err := deploy.Read(l, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.State
+	}
+	if state(booted) != deploy.StateStaged || state(abandoned) != deploy.StateFailed {
+		t.Fatalf("after unhealthy boot: %s %s", state(booted), state(abandoned))
+	}
+	if err := Record(sysroot, booted, &Report{OK: true}, []string{abandoned, "9-999999999999"}); err != nil {
+		t.Fatal(err)
+	}
+	if state(booted) != deploy.StateBooted || state("1-aaaaaaaaaaaa") != deploy.StateBooted {
+		t.Fatalf("after healthy boot: %s", state(booted))
 	}
 }

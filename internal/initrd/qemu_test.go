@@ -113,7 +113,9 @@ func TestQEMUSmoke(t *testing.T) {
 	}
 	t.Logf("initramfs: %d bytes, %d modules", rep.Size, len(rep.Modules))
 
-	boot := func(n int, args string) string {
+	var boot func(n int, args string) string
+	retried := false
+	boot = func(n int, args string) string {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
 		accel := "tcg,thread=multi"
@@ -133,6 +135,14 @@ func TestQEMUSmoke(t *testing.T) {
 				strings.Contains(l, "overlayfs") || strings.Contains(l, "erofs") || strings.Contains(l, "Problem:") || strings.Contains(l, "Fix:") || strings.Contains(l, "reboot:") {
 				t.Log("  " + strings.TrimRight(l, "\r"))
 			}
+		}
+		// TCG on a loaded host sometimes crashes the kernel before /init
+		// runs (seen: a fault in run_timer_softirq at 5 s). That says nothing
+		// about berth: retry such a boot once.
+		if !strings.Contains(log, "berth:") && strings.Contains(log, "Kernel panic") && !retried {
+			retried = true
+			t.Logf("boot %d: the kernel panicked before berth-init ran; retrying once", n)
+			return boot(n, args)
 		}
 		return log
 	}
@@ -177,6 +187,16 @@ func TestQEMUSmoke(t *testing.T) {
 	// refuse on the console and reboot (qemu -no-reboot then exits).
 	if _, err := exec.LookPath("debugfs"); err != nil {
 		t.Skip("debugfs not installed: the refusal boot is skipped")
+	}
+	if _, err := exec.LookPath("e2fsck"); err != nil {
+		t.Skip("e2fsck not installed: the refusal boot is skipped")
+	}
+	// The guest powers off without unmounting: replay the journal first, or
+	// debugfs (which ignores it) corrupts directories.
+	if o, err := exec.Command("e2fsck", "-fy", disk).CombinedOutput(); err != nil {
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() > 1 {
+			t.Fatalf("e2fsck: %v\n%s", err, o)
+		}
 	}
 	other := strings.Repeat("ab", 32)
 	cmds := "mkdir /berth/deploy/other\nwrite " + l.Image(digest) + " /berth/repo/images/" + other + "\n"

@@ -350,7 +350,7 @@ func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string
 		if err := deploy.MarkVerityPending(l, "the installing kernel could not enable fs-verity; berth-init enables it at first boot"); err != nil {
 			return err
 		}
-		opts.Progress.Message("fs-verity is not available on this machine's kernel: objects will be sealed at first boot (%s)", deploy.VerityPendingPath(l))
+		opts.Progress.Message("fs-verity is not available on this machine's kernel: berth-init enables it at first boot (marker berth/repo/%s)", deploy.VerityPendingFile)
 	}
 
 	rt := opts.Runtime

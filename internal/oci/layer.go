@@ -240,7 +240,7 @@ func entryFromHeader(hdr *tar.Header, lim readLimits) (*Entry, error) {
 		return nil, err
 	}
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse: //nolint:staticcheck // TypeRegA still appears in old layers
+	case tar.TypeReg, tar.TypeGNUSparse: // the reader already maps old TypeRegA entries to TypeReg
 		e.Kind = KindFile
 		if hdr.Size < 0 {
 			return nil, layerErr(hdr.Name, "negative size")

@@ -204,7 +204,9 @@ func policyContext(opts PullOptions, sys *types.SystemContext) (*signature.Polic
 		}
 	} else {
 		policy, err = signature.DefaultPolicy(sys)
-		if errors.Is(err, configfile.ErrConfigFileNotFound) || errors.Is(err, os.ErrNotExist) {
+		// Only "no policy file anywhere" falls back; a path named by
+		// $CONTAINERS_POLICY_JSON that does not exist is an error, as in podman.
+		if errors.Is(err, configfile.ErrConfigFileNotFound) {
 			defaultPolicyNotice.Do(func() {
 				fmt.Fprintln(opts.Warnings, "berth: no containers-policy.json found (looked in $CONTAINERS_POLICY_JSON, ~/.config/containers/policy.json, /etc/containers/policy.json); using the containers default: accept any image without signature verification")
 			})
@@ -250,7 +252,6 @@ type layerJob struct {
 	diffID  digest.Digest
 	entries []Entry
 	fetched bool
-	files   int
 }
 
 func importImage(ctx context.Context, src types.ImageSource, instance *digest.Digest, manBlob []byte, manType, sysroot string, opts PullOptions) (*Image, error) {

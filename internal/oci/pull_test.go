@@ -323,7 +323,11 @@ func TestHostileImages(t *testing.T) {
 		{"manifest-not-json", &testImage{layers: layers, manifestRaw: []byte("this is not JSON")}, "not a JSON object"},
 		{"10000-layers", &testImage{layers: layers[:1], manifestRaw: manyMan, configRaw: manyCfg}, "lists 10000 layers"},
 		{"bogus-diff-ids", func() *testImage { x := ok(); x.diffIDs = []string{sha(layers[0])}; return x }(), "lists 1 rootfs.diff_ids for 3 manifest layers"},
-		{"wrong-diff-id", func() *testImage { x := ok(); x.diffIDs = []string{sha(layers[1]), sha(layers[0]), sha(layers[2])}; return x }(), "uncompressed layer digest mismatch"},
+		{"wrong-diff-id", func() *testImage {
+			x := ok()
+			x.diffIDs = []string{sha(layers[1]), sha(layers[0]), sha(layers[2])}
+			return x
+		}(), "uncompressed layer digest mismatch"},
 		{"blob-digest-mismatch", func() *testImage { x := ok(); x.blobOverrides = map[int][]byte{0: flipped}; return x }(), "layer blob digest mismatch"},
 		{"truncated-layer", func() *testImage { x := ok(); x.honestBlobs = map[int][]byte{1: truncated}; return x }(), "unexpected EOF"},
 		{"1TiB-header", func() *testImage {
@@ -418,5 +422,30 @@ func TestSparseLayer(t *testing.T) {
 	must(t, err)
 	if len(data) != 8<<20 || string(data[4<<20:4<<20+13]) != "in the middle" {
 		t.Fatal("sparse content wrong")
+	}
+}
+
+// Without any containers-policy.json, Pull uses the containers default
+// (accept anything) and says so on stderr.
+func TestNoPolicyFileUsesDefault(t *testing.T) {
+	work := t.TempDir()
+	(&testImage{layers: standardLayers(t)}).build(t).writeOCILayout(t, work, "v1")
+	opts := testPullOptions(t, t.TempDir())
+	opts.PolicyPath = ""
+	t.Setenv("HOME", t.TempDir())
+	t.Setenv("CONTAINERS_POLICY_JSON", "")
+	opts.SystemContext.RootForImplicitAbsolutePaths = t.TempDir() // hides /etc/containers/policy.json
+	var warn bytes.Buffer
+	opts.Warnings = &warn
+	if _, err := Pull(context.Background(), "oci:"+work+":v1", opts); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(warn.String(), "no containers-policy.json found") {
+		t.Errorf("no notice about the default policy: %q", warn.String())
+	}
+	// A policy path that is named but missing is an error, not a fallback.
+	t.Setenv("CONTAINERS_POLICY_JSON", filepath.Join(work, "missing.json"))
+	if _, err := Pull(context.Background(), "oci:"+work+":v1", opts); err == nil {
+		t.Error("a missing $CONTAINERS_POLICY_JSON was ignored")
 	}
 }

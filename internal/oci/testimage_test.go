@@ -124,7 +124,7 @@ type testImage struct {
 	manifestRaw   []byte
 	configRaw     []byte
 	diffIDs       []string
-	layerDigests  []string // manifest digests to claim instead of the real ones
+	layerDigests  []string       // manifest digests to claim instead of the real ones
 	blobOverrides map[int][]byte // content served under the original digest
 	honestBlobs   map[int][]byte // content served under its own digest
 }

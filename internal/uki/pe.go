@@ -78,6 +78,7 @@ const (
 	optDataDirsPE32      = 96
 	optDataDirsPE32Plus  = 112
 	maxReasonableSection = 96
+	maxZeroFill          = 64 << 20
 )
 
 // parsePE parses a PE image, checking every offset against the data so a
@@ -146,6 +147,12 @@ func parsePEHeaders(data []byte, fileSize int64) (*peImage, error) {
 		s.Characteristics = p.u32(off + 36)
 		if uint64(s.PointerToRaw)+uint64(s.SizeOfRawData) > uint64(fileSize) {
 			return nil, fmt.Errorf("PE section %q data lies beyond the end of the file", s.Name)
+		}
+		// Zero-filled memory beyond the file data is what .bss is; more than
+		// maxZeroFill of it is not a stub, a UKI or systemd-boot, and
+		// reading sections must not allocate gigabytes for a hostile file.
+		if uint64(s.VirtualSize) > uint64(s.SizeOfRawData)+maxZeroFill {
+			return nil, fmt.Errorf("PE section %q claims %d bytes in memory for %d in the file", s.Name, s.VirtualSize, s.SizeOfRawData)
 		}
 		p.sections = append(p.sections, s)
 	}
@@ -314,4 +321,11 @@ func peChecksum(data []byte, checksumOff int) uint32 {
 	}
 	sum = (sum & 0xffff) + (sum >> 16)
 	return uint32(sum) + uint32(n)
+}
+
+// CheckPE reports whether data parses as a PE image (headers and section
+// table consistent with the data).
+func CheckPE(data []byte) error {
+	_, err := parsePE(data)
+	return err
 }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -123,7 +124,14 @@ func TestBinary(t *testing.T) {
 // systemd-analyze verify (host systemd, else the trixie rootfs's in a chroot).
 func TestSystemdAnalyzeVerify(t *testing.T) {
 	_, file, _, _ := runtime.Caller(0)
-	units, _ := filepath.Glob(filepath.Join(filepath.Dir(file), "../../../units", "*"))
+	all, _ := filepath.Glob(filepath.Join(filepath.Dir(file), "../../../units", "*"))
+	var units []string
+	for _, u := range all {
+		switch filepath.Ext(u) {
+		case ".service", ".timer", ".target", ".mount", ".socket", ".path":
+			units = append(units, u)
+		}
+	}
 	if len(units) == 0 {
 		t.Fatal("no units found")
 	}
@@ -131,14 +139,18 @@ func TestSystemdAnalyzeVerify(t *testing.T) {
 	if err != nil {
 		t.Skip("systemd-analyze not installed (apt-get install systemd)")
 	}
-	// systemd-analyze verify needs the referenced ExecStart binary to exist:
-	// give it a stand-in on a private unit path.
+	// systemd-analyze verify needs the binaries units run to exist: give
+	// berth's (not installed here) stand-ins, and the units a private path.
 	dir := t.TempDir()
+	berthBin := regexp.MustCompile(`/usr/lib/berth/([A-Za-z0-9_.-]+)`)
 	for _, u := range units {
 		b, _ := os.ReadFile(u)
-		fake := filepath.Join(dir, "berth-init")
-		os.WriteFile(fake, []byte("#!/bin/sh\n"), 0o755)
-		os.WriteFile(filepath.Join(dir, filepath.Base(u)), []byte(strings.ReplaceAll(string(b), "/usr/lib/berth/berth-init", fake)), 0o644)
+		text := berthBin.ReplaceAllStringFunc(string(b), func(m string) string {
+			fake := filepath.Join(dir, "bin-"+filepath.Base(m))
+			os.WriteFile(fake, []byte("#!/bin/sh\n"), 0o755)
+			return fake
+		})
+		os.WriteFile(filepath.Join(dir, filepath.Base(u)), []byte(text), 0o644)
 	}
 	var args []string
 	for _, u := range units {
