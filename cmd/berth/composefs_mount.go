@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/store"
 )
 
 func init() {
@@ -18,24 +19,27 @@ func init() {
 func newComposefsMountCmd() *cobra.Command {
 	var opts composefs.MountOptions
 	cmd := &cobra.Command{
-		Use:   "mount IMAGE MOUNTPOINT --objects DIR",
+		Use:   "mount IMAGE MOUNTPOINT [--objects DIR]",
 		Short: "Mount a composefs image (EROFS + overlayfs over an object store)",
 		Long: `Mount a composefs image at MOUNTPOINT: the image as EROFS (file-backed, or on
 a loop device), under overlayfs with the object store as its data-only layer.
 Read-only unless --upper and --work are given. --verity makes overlayfs check
-every object's fs-verity digest (verity=require).`,
+every object's fs-verity digest (verity=require). Without --objects, the
+object store of the berth installation (--sysroot) is used.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.Image = args[0]
+			if opts.Objects == "" {
+				opts.Objects = store.At(global.Sysroot).Objects()
+			}
 			return composefs.Mount(args[1], opts)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.Objects, "objects", "", "object store `DIR` (DIR/xx/<rest of digest>)")
+	f.StringVar(&opts.Objects, "objects", "", "object store `DIR` (DIR/xx/<rest of digest>; default: the installation's store)")
 	f.BoolVar(&opts.Verity, "verity", false, "require fs-verity on every object (overlayfs verity=require)")
 	f.StringVar(&opts.Upper, "upper", "", "writable overlay upper `DIR` (needs --work)")
 	f.StringVar(&opts.Work, "work", "", "overlay work `DIR` on the same filesystem as --upper")
-	cmd.MarkFlagRequired("objects")
 	return cmd
 }
 

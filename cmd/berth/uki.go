@@ -28,8 +28,8 @@ func newUKICmd() *cobra.Command {
 
 func newUKIBuildCmd() *cobra.Command {
 	var (
-		out, stub, stubRoot, linux, cmdline, cmdlineFile, osrel, uname, sbat, pcrpkey, key, cert string
-		initrds                                                                                  []string
+		out, stub, stubRoot, linux, cmdline, cmdlineFile, osrel, uname, sbat, pcrpkey, pcrKey, key, cert string
+		initrds                                                                                          []string
 	)
 	cmd := &cobra.Command{
 		Use:   "build -o OUT --linux VMLINUZ [--initrd FILE]... [flags]",
@@ -85,6 +85,11 @@ The stub is --stub, else the one under --stub-root (an image root), else the hos
 					return fmt.Errorf("uki build: %w", err)
 				}
 			}
+			if pcrKey != "" {
+				if opts.PCRSignKey, err = uki.LoadPrivateKey(pcrKey); err != nil {
+					return fmt.Errorf("uki build: %w", err)
+				}
+			}
 			opts.Uname, opts.SBAT = uname, sbat
 			if (key == "") != (cert == "") {
 				return fmt.Errorf("uki build: --sign-key and --sign-cert go together")
@@ -126,6 +131,7 @@ The stub is --stub, else the one under --stub-root (an image root), else the hos
 	f.StringVar(&uname, "uname", "", "kernel release `TEXT` for .uname")
 	f.StringVar(&sbat, "sbat", "", "extra SBAT CSV `LINES` (default: the generic uki entry)")
 	f.StringVar(&pcrpkey, "pcrpkey", "", "PEM public key `FILE` for .pcrpkey")
+	f.StringVar(&pcrKey, "pcr-key", "", "sign the expected PCR 11 values into .pcrsig with this PEM RSA private key `FILE` (its public key becomes .pcrpkey)")
 	f.StringVar(&key, "sign-key", "", "sign with this PEM RSA private key `FILE` (Secure Boot db key)")
 	f.StringVar(&cert, "sign-cert", "", "PEM certificate `FILE` of the signing key")
 	return cmd

@@ -216,6 +216,7 @@ func createDeployment(l store.Layout, content string) (*deploy.Deployment, error
 	etc := composefs.NewDir(0o755)
 	root.Children["etc"] = etc
 	etc.Children["hostname"] = &composefs.Inode{Mode: composefs.SIFREG | 0o644, Inline: []byte(content), Size: uint64(len(content))}
+	etc.Children["motd"] = &composefs.Inode{Mode: composefs.SIFREG | 0o644, Inline: []byte("hi\n"), Size: 3}
 	res, err := deploy.Create(l, deploy.CreateOptions{Tree: root, Store: objs, Kernel: "6.12.0-test", ImageRef: "docker://example.org/os:1", ManifestDigest: "sha256:" + strings.Repeat("ab", 32), Origin: "upgrade"})
 	if err != nil {
 		return nil, err
@@ -754,6 +755,49 @@ func TestIntrospectionMatchesDocs(t *testing.T) {
 			if !ok || v.Signature().String() != p.Type {
 				t.Errorf("%s.%s: exported %v (%s), documented type %s", iface, p.Name, v, v.Signature(), p.Type)
 			}
+		}
+	}
+}
+
+// TestPropertiesChanged: the manager's properties announce the job and
+// the new deployment with PropertiesChanged.
+func TestPropertiesChanged(t *testing.T) {
+	needRoot(t)
+	bus := startBus(t, "")
+	sysroot := newSysroot(t)
+	eng := &testEngine{sysroot: sysroot, gate: make(chan struct{})}
+	close(eng.gate)
+	startServer(t, bus, eng, sysroot)
+	conn := bus.conn(t)
+	if err := conn.AddMatchSignal(dbus.WithMatchObjectPath(ManagerPath), dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")); err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan *dbus.Signal, 64)
+	conn.Signal(ch)
+	var job dbus.ObjectPath
+	if err := conn.Object(BusName, ManagerPath).Call(ManagerInterface+".Upgrade", 0, map[string]dbus.Variant{}).Store(&job); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]string{}
+	timeout := time.After(30 * time.Second)
+	for seen["ActiveJob"+string(job)] == "" || seen["ActiveJob/"] == "" || seen["Deployments"] == "" {
+		select {
+		case sig := <-ch:
+			if sig.Body[0].(string) != ManagerInterface {
+				t.Fatalf("PropertiesChanged for %v", sig.Body[0])
+			}
+			for k, v := range sig.Body[1].(map[string]dbus.Variant) {
+				switch k {
+				case "ActiveJob":
+					seen[k+string(v.Value().(dbus.ObjectPath))] = "yes"
+				case "Deployments":
+					if ids := v.Value().([]string); len(ids) == 1 {
+						seen[k] = ids[0]
+					}
+				}
+			}
+		case <-timeout:
+			t.Fatalf("PropertiesChanged seen: %v", seen)
 		}
 	}
 }

@@ -134,12 +134,23 @@ func (e *SysrootEngine) Switch(ctx context.Context, job JobContext, ref string, 
 }
 
 func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin string, opts UpgradeOptions) (string, error) {
-	if opts.Check {
-		return "", fmt.Errorf("%s --check: %w: looking up a remote manifest without importing needs a manifest-only lookup in internal/oci", origin, ErrNotImplemented)
-	}
 	cur, deps, err := e.current()
 	if err != nil && origin == "upgrade" {
 		return "", fmt.Errorf("%s: %w", origin, err)
+	}
+	if opts.Check {
+		job.Progress("check", 0, 1)
+		d, err := remoteManifestDigest(ctx, ref, e.InsecureTLS)
+		if err != nil {
+			return "", fmt.Errorf("%s --check: %w", origin, err)
+		}
+		job.Progress("check", 1, 1)
+		for _, dep := range deps {
+			if dep.ImageRef == ref && dep.ManifestDigest == d && dep.State != deploy.StateFailed {
+				return fmt.Sprintf("no update: %s (%s) is deployment %s", ref, d, dep.ID), nil
+			}
+		}
+		return fmt.Sprintf("update available: %s is %s", ref, d), nil
 	}
 	job.Progress("pull", 0, 0)
 	pr, pw := io.Pipe()
@@ -318,8 +329,13 @@ func (e *SysrootEngine) Cleanup(ctx context.Context, job JobContext) (string, er
 		}
 		gone = append(gone, d.ID)
 	}
-	summary := fmt.Sprintf("removed %d deployments %v and %d leftovers", len(gone), gone, len(removed))
-	return "", fmt.Errorf("cleanup (%s): %w: removing unreferenced images and objects from the repository needs a garbage collector in internal/oci", summary, ErrNotImplemented)
+	job.Progress("garbage-collect", 0, 0)
+	rep, err := oci.Cleanup(e.sysroot())
+	if err != nil {
+		return "", fmt.Errorf("cleanup: removed deployments %v, then: %w", gone, err)
+	}
+	return fmt.Sprintf("removed %d deployments %v, %d leftovers, %d images, %d objects (%d bytes freed)",
+		len(gone), gone, len(removed), rep.ImagesRemoved, rep.ObjectsRemoved, rep.BytesFreed), nil
 }
 
 // Pin implements Engine.
@@ -400,7 +416,7 @@ func DiffDeployment(l store.Layout, id string) (*DiffResult, error) {
 		case fi.IsDir() && hasXattr(p, "trusted.overlay.opaque", "y"):
 			c.Kind = "replaced"
 		case fi.IsDir() && inImage != nil && inImage.IsDir():
-			if !dirMetaChanged(fi, inImage) {
+			if !dirMetaChanged(p, inImage) {
 				return nil // only holds changes below it
 			}
 			c.Kind = "modified"
@@ -422,9 +438,9 @@ func DiffDeployment(l store.Layout, id string) (*DiffResult, error) {
 	return res, nil
 }
 
-func dirMetaChanged(fi os.FileInfo, n *composefs.Inode) bool {
-	st, ok := fi.Sys().(*unix.Stat_t)
-	if !ok {
+func dirMetaChanged(p string, n *composefs.Inode) bool {
+	var st unix.Stat_t
+	if unix.Lstat(p, &st) != nil {
 		return false
 	}
 	return st.Mode&0o7777 != n.Mode&0o7777 || st.Uid != n.UID || st.Gid != n.GID
@@ -443,10 +459,12 @@ func typeName(m os.FileMode) string {
 }
 
 func isWhiteout(p string, fi os.FileInfo) bool {
-	if fi.Mode()&os.ModeCharDevice != 0 {
-		if st, ok := fi.Sys().(*unix.Stat_t); ok && st.Rdev == 0 {
-			return true
-		}
+	var st unix.Stat_t
+	if unix.Lstat(p, &st) != nil {
+		return false
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0 {
+		return true
 	}
 	return fi.Mode().IsRegular() && fi.Size() == 0 && hasXattr(p, "trusted.overlay.whiteout", "")
 }

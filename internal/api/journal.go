@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/berth-dev/berth/internal/boot"
@@ -40,6 +42,57 @@ type JobRecord struct {
 	Error     string            `json:"error,omitempty"`
 	Created   []string          `json:"created,omitempty"`   // deployments this job created
 	Recovered []string          `json:"recovered,omitempty"` // what recovery removed
+	// BootID and ProcStart (the process' start time in clock ticks since
+	// boot) tell whether PID is still the process that runs the job.
+	BootID    string `json:"boot_id,omitempty"`
+	ProcStart uint64 `json:"proc_start,omitempty"`
+}
+
+// ErrJobRunning is wrapped when another live process runs a job.
+var ErrJobRunning = errors.New("another berth job is running")
+
+// newRecord starts the record of a job run by this process.
+func newRecord(id uint64, kind string, args map[string]string) *JobRecord {
+	pid := os.Getpid()
+	start, _ := procStart(pid)
+	return &JobRecord{ID: id, Kind: kind, Args: args, PID: pid, Started: time.Now().UTC(), State: StateRunning, BootID: bootID(), ProcStart: start}
+}
+
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// procStart reads field 22 (starttime) of /proc/<pid>/stat.
+func procStart(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may contain spaces; fields after it are
+	// plain.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("parse /proc/%d/stat", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("parse /proc/%d/stat", pid)
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}
+
+// alive says whether the process that wrote rec still runs: same boot,
+// and PID is the same process (not a reused number).
+func (rec *JobRecord) alive() bool {
+	if rec.PID <= 0 || rec.BootID == "" || rec.BootID != bootID() {
+		return false
+	}
+	start, err := procStart(rec.PID)
+	return err == nil && start == rec.ProcStart
 }
 
 // StateInterrupted marks a job whose daemon died before it finished.
@@ -110,6 +163,9 @@ func Recover(sysroot, espDir string) (*JobRecord, error) {
 		// An unreadable journal is still an interrupted job: clean up what
 		// can be cleaned without knowing which.
 		rec = &JobRecord{Kind: "unknown", Error: err.Error()}
+	}
+	if rec.alive() && rec.PID != os.Getpid() {
+		return nil, fmt.Errorf("%w: job %d (%s) of process %d", ErrJobRunning, rec.ID, rec.Kind, rec.PID)
 	}
 	removed, err := undoJob(sysroot, espDir, rec)
 	rec.Recovered = append(rec.Recovered, removed...)

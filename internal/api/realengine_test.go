@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/store"
@@ -41,6 +43,9 @@ func twoDeployments(t *testing.T) (sysroot string, a, b *deploy.Deployment) {
 }
 
 func TestReadStatusRoles(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: deploy.Create gives the deployment root's ownership")
+	}
 	sysroot, a, b := twoDeployments(t)
 	h, err := ReadStatus(StatusOptions{Sysroot: sysroot})
 	if err != nil {
@@ -147,4 +152,39 @@ func ValidateStatusJSON(raw []byte) error {
 		return err
 	}
 	return ValidateJSONSchema(schema, raw)
+}
+
+func TestDiffDeployment(t *testing.T) {
+	needRoot(t)
+	sysroot := newSysroot(t)
+	l := store.At(sysroot)
+	d, err := createDeployment(l, "host")
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := filepath.Join(l.Deployment(d.ID), "upper")
+	os.MkdirAll(filepath.Join(up, "etc"), 0o755)
+	os.WriteFile(filepath.Join(up, "etc", "hostname"), []byte("changed\n"), 0o644)
+	os.WriteFile(filepath.Join(up, "etc", "new.conf"), []byte("x\n"), 0o644)
+	os.MkdirAll(filepath.Join(up, "opt", "app"), 0o755)
+	os.WriteFile(filepath.Join(up, "opt", "app", "bin"), []byte("x\n"), 0o755)
+	if err := unix.Mknod(filepath.Join(up, "etc", "motd"), unix.S_IFCHR, 0); err != nil {
+		t.Fatal(err)
+	}
+	out, err := (&SysrootEngine{Sysroot: sysroot}).Diff(d.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res DiffResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range res.Changes {
+		got = append(got, c.Kind+" "+c.Path)
+	}
+	want := "modified /etc/hostname,deleted /etc/motd,added /etc/new.conf,added /opt"
+	if strings.Join(got, ",") != want {
+		t.Fatalf("diff: %v\nwant %s", got, want)
+	}
 }

@@ -165,7 +165,7 @@ func runDirect(ctx context.Context, req Request, rep *progress.Reporter) (*JobRe
 		id = last.ID + 1
 	}
 	e := &SysrootEngine{Sysroot: sysroot, ESP: req.ESP}
-	rec := &JobRecord{ID: id, Kind: req.Kind, Args: map[string]string{}, PID: os.Getpid(), Started: time.Now().UTC(), State: StateRunning}
+	rec := newRecord(id, req.Kind, map[string]string{})
 	if req.Ref != "" {
 		rec.Args["image"] = req.Ref
 	}

@@ -81,11 +81,7 @@ func NewServer(cfg Config) (*Server, error) {
 // the objects and takes the bus name. Recovery comes first so that no
 // client ever sees the leftovers.
 func (s *Server) Start() error {
-	esp := s.cfg.ESP
-	if esp == "" {
-		esp = FindESP(s.cfg.Sysroot)
-	}
-	rec, err := Recover(s.cfg.Sysroot, esp)
+	rec, err := Recover(s.cfg.Sysroot, s.espDir())
 	if err != nil {
 		return err
 	}
@@ -429,11 +425,25 @@ func (s *Server) startJob(sender, action, kind string, options map[string]dbus.V
 		s.mu.Unlock()
 		return "", dbus.NewError(ErrBusy, []any{fmt.Sprintf("job %s (%s) is running; wait for it or cancel it", a.path, a.kind)})
 	}
+	// A job the CLI runs directly (--sysroot) holds the journal too.
+	if rec, err := ReadJournal(s.cfg.Sysroot); err == nil {
+		if rec.alive() && rec.PID != os.Getpid() {
+			s.mu.Unlock()
+			return "", dbus.NewError(ErrBusy, []any{fmt.Sprintf("job %d (%s) of process %d is running; wait for it", rec.ID, rec.Kind, rec.PID)})
+		}
+		if _, err := Recover(s.cfg.Sysroot, s.espDir()); err != nil {
+			s.mu.Unlock()
+			return "", dbus.NewError(ErrFailed, []any{err.Error()})
+		}
+		if last, err := ReadLastJob(s.cfg.Sysroot); err == nil && last.ID > s.nextID {
+			s.nextID = last.ID
+		}
+	}
 	s.nextID++
 	id := s.nextID
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &Job{s: s, id: id, path: dbus.ObjectPath(JobPathPrefix + strconv.FormatUint(id, 10)), kind: kind, ctx: ctx, cancel: cancel, state: StateRunning}
-	j.rec = &JobRecord{ID: id, Kind: kind, Args: args, PID: os.Getpid(), Started: time.Now().UTC(), State: StateRunning}
+	j.rec = newRecord(id, kind, args)
 	if opts.Check {
 		j.rec.Args["check"] = "true"
 	}
@@ -582,10 +592,7 @@ func (j *Job) run(fn jobFunc, opts UpgradeOptions) {
 	var undone []string
 	if state != StateDone {
 		// Leave the store as before the job: nothing half-made stays.
-		esp := j.s.cfg.ESP
-		if esp == "" {
-			esp = FindESP(j.s.cfg.Sysroot)
-		}
+		esp := j.s.espDir()
 		j.mu.Lock()
 		rec := *j.rec
 		j.mu.Unlock()
@@ -596,9 +603,11 @@ func (j *Job) run(fn jobFunc, opts UpgradeOptions) {
 		}
 	}
 
+	// Order matters: the journal is closed and the server free before
+	// the job's end is visible, so a client that sees it can start the
+	// next job at once.
 	now := time.Now().UTC()
 	j.mu.Lock()
-	j.state, j.summary, j.errMsg = state, summary, msg
 	j.rec.State, j.rec.Summary, j.rec.Error, j.rec.Finished = state, summary, msg, &now
 	j.rec.Recovered = undone
 	rec := *j.rec
@@ -606,15 +615,18 @@ func (j *Job) run(fn jobFunc, opts UpgradeOptions) {
 	if ferr := finishRecord(j.s.cfg.Sysroot, &rec); ferr != nil {
 		j.s.log.Error("record finished job", "BERTH_JOB", string(j.path), "ERROR", ferr.Error())
 	}
-
-	j.s.conn.Emit(j.path, "org.freedesktop.DBus.Properties.PropertiesChanged", JobInterface,
-		map[string]dbus.Variant{"State": dbus.MakeVariant(state), "Summary": dbus.MakeVariant(summary), "Error": dbus.MakeVariant(msg)}, []string{})
 	j.s.mu.Lock()
 	j.s.active = nil
 	j.s.lastActivity = time.Now()
 	j.s.mu.Unlock()
 	j.s.setProp("ActiveJob", NoJob)
 	j.s.refresh()
+
+	j.mu.Lock()
+	j.state, j.summary, j.errMsg = state, summary, msg
+	j.mu.Unlock()
+	j.s.conn.Emit(j.path, "org.freedesktop.DBus.Properties.PropertiesChanged", JobInterface,
+		map[string]dbus.Variant{"State": dbus.MakeVariant(state), "Summary": dbus.MakeVariant(summary), "Error": dbus.MakeVariant(msg)}, []string{})
 	j.s.conn.Emit(j.path, JobInterface+".Finished", state, msg)
 	j.s.log.Info("job finished", "BERTH_JOB", string(j.path), "BERTH_JOB_KIND", j.kind, "BERTH_JOB_RESULT", state, "BERTH_SUMMARY", summary, "ERROR", msg)
 	close(j.finished)
@@ -705,4 +717,11 @@ func serialBefore(sysroot string) string {
 		return ""
 	}
 	return strconv.FormatUint(deps[len(deps)-1].Serial(), 10)
+}
+
+func (s *Server) espDir() string {
+	if s.cfg.ESP != "" {
+		return s.cfg.ESP
+	}
+	return FindESP(s.cfg.Sysroot)
 }

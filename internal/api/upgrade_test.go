@@ -15,12 +15,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/godbus/dbus/v5"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/berth-dev/berth/internal/boot"
+	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/etcmerge"
 	"github.com/berth-dev/berth/internal/initrd"
@@ -228,6 +230,16 @@ func TestRealUpgradeViaBus(t *testing.T) {
 		t.Fatalf("roles after switch: staged %+v rollback %+v", h.Status.Staged, h.Status.Rollback)
 	}
 
+	// --check: nothing new for the tracked image (v2 now).
+	job, err = c.Upgrade(map[string]dbus.Variant{"check": dbus.MakeVariant(true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err = c.Wait(ctx, job, nil)
+	if err != nil || res.State != StateDone || !strings.HasPrefix(res.Summary, "no update") || !strings.Contains(res.Summary, second.ManifestDigest) {
+		t.Fatalf("upgrade --check: %+v, %v", res, err)
+	}
+
 	// The tracked image did not change since: no new deployment.
 	job, err = c.Upgrade(nil)
 	if err != nil {
@@ -239,5 +251,79 @@ func TestRealUpgradeViaBus(t *testing.T) {
 	}
 	if deps, _ := deploy.List(l); len(deps) != 2 {
 		t.Fatalf("%d deployments after a no-op upgrade", len(deps))
+	}
+}
+
+// TestRealSwitchCancelledMidImport cancels a real Switch while its layer
+// is being imported: the job ends cancelled and the store is as before
+// (no deployment, no image record, no temporary files, every composefs
+// image intact).
+func TestRealSwitchCancelledMidImport(t *testing.T) {
+	needRoot(t)
+	sysroot := newSysroot(t)
+	l := store.At(sysroot)
+	policy := filepath.Join(sysroot, "policy.json")
+	os.WriteFile(policy, []byte(`{"default":[{"type":"insecureAcceptAnything"}]}`), 0o644)
+	old, err := createDeployment(l, "old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := imageFiles(t, map[string]string{"hostname": "big\n"})
+	// Enough incompressible content that the import is still running when
+	// the cancel arrives.
+	for i := 0; i < 16; i++ {
+		b := make([]byte, 4<<20)
+		rand.Read(b)
+		files[fmt.Sprintf("usr/share/blob%02d", i)] = b
+	}
+	ref := ociLayout(t, files)
+
+	bus := startBus(t, "")
+	startServer(t, bus, &SysrootEngine{Sysroot: sysroot, PolicyPath: policy}, sysroot)
+	c, err := Connect(bus.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	job, err := c.Switch(ref, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cancelled := false
+	res, err := c.Wait(ctx, job, func(phase string, done, total uint64) {
+		if !cancelled && strings.HasPrefix(phase, "pull: layer") {
+			cancelled = true
+			if err := c.Cancel(job); err != nil {
+				t.Errorf("Cancel: %v", err)
+			}
+		}
+	})
+	if err != nil || res.State != StateCancelled {
+		t.Fatalf("job: %+v, %v", res, err)
+	}
+	if deps, err := deploy.List(l); err != nil || len(deps) != 1 || deps[0].ID != old.ID {
+		t.Fatalf("deployments after cancel: %v, %v", deps, err)
+	}
+	if img, err := oci.LookupImage(sysroot, ref); err == nil {
+		t.Fatalf("a cancelled pull left an image record: %+v", img)
+	}
+	for _, dir := range []string{l.Deployments(), l.Images(), l.Objects()} {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), ".tmp") || strings.HasPrefix(e.Name(), ".rm-") {
+				t.Errorf("leftover %s in %s", e.Name(), dir)
+			}
+		}
+	}
+	imgs, _ := os.ReadDir(l.Images())
+	for _, e := range imgs {
+		if err := composefs.Check(filepath.Join(l.Images(), e.Name())); err != nil {
+			t.Errorf("image %s: %v", e.Name(), err)
+		}
 	}
 }

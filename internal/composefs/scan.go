@@ -259,10 +259,14 @@ func (w *scanWorker) fill(n *Inode, path string, st *unix.Stat_t) error {
 		n.Mtime = Timespec{Sec: st.Mtim.Sec, Nsec: uint32(st.Mtim.Nsec)}
 	}
 	switch st.Mode & unix.S_IFMT {
-	case unix.S_IFREG:
-		n.Size = uint64(st.Size)
 	case unix.S_IFDIR:
 		n.Children = map[string]*Inode{}
+	case unix.S_IFLNK:
+		// Size is the target length, set by readlink.
+	default:
+		// mkcomposefs keeps st_size for every non-directory; it decides
+		// between compact and extended inodes even for device nodes.
+		n.Size = uint64(st.Size)
 	}
 	if w.s.opts.SkipXattrs {
 		return nil

@@ -14,8 +14,11 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 )
 
+// The writer's unexported names start with "wr" so they cannot collide
+// with the reader's, which shares this package.
+
 // On-disk constants of the composefs EROFS image (see
-// /work/shared/reference/composefs-format.md).
+// composefs-format.md in the project's shared reference material).
 const (
 	wrBlockSize        = 4096
 	wrBlockBits        = 12

@@ -17,7 +17,6 @@ import (
 	"io"
 	"path"
 	"sort"
-	"strings"
 )
 
 // Type is the kind of an entry.
@@ -250,15 +249,6 @@ func fixParents(res *Result, p string, theirs, ours Tree) {
 			res.Tree[d], res.From[d] = &Entry{Type: Dir, Mode: 0o755}, Theirs
 		}
 	}
-}
-
-// ConflictPaths returns the conflicting paths below prefix ("etc").
-func (r *Result) ConflictPaths(prefix string) []string {
-	out := make([]string, 0, len(r.Conflicts))
-	for _, c := range r.Conflicts {
-		out = append(out, "/"+strings.TrimPrefix(path.Join(prefix, c.Path), "/"))
-	}
-	return out
 }
 
 // String renders an entry for messages and tests.

@@ -19,7 +19,8 @@ func DigestFile(path string, alg Algorithm) ([]byte, error) {
 	if !alg.valid() {
 		return nil, fmt.Errorf("fs-verity digest %s: unsupported algorithm %d", path, alg)
 	}
-	f, err := os.Open(path)
+	// O_NONBLOCK: opening a FIFO must not wait for a writer.
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, fmt.Errorf("fs-verity digest: %w", err)
 	}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // toolDigest runs the Debian fsverity tool, the reference implementation.
@@ -260,4 +262,20 @@ func TestIoctlsReportMissingSupport(t *testing.T) {
 		t.Errorf("Measure: %v; want ErrNotSupported or ErrNotEnabled", merr)
 	}
 	t.Logf("no fs-verity here, as expected on this kernel: %v", err)
+}
+
+func TestDigestFileRejectsNonRegular(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{dir, fifo, filepath.Join(dir, "missing")} {
+		if _, err := DigestFile(p, SHA256); err == nil {
+			t.Errorf("DigestFile(%s) succeeded", p)
+		}
+	}
+	if _, err := DigestFile(writeFile(t, dir, "f", []byte("x")), Algorithm(9)); err == nil {
+		t.Error("unknown algorithm accepted")
+	}
 }

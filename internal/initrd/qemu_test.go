@@ -182,7 +182,33 @@ func TestQEMUSmoke(t *testing.T) {
 		return
 	}
 
-	// Boot 3: the entry names an image whose content is not what its name
+	// Boot 3: the same disk with modules as .ko.zst, which this kernel
+	// (CONFIG_MODULE_COMPRESS_XZ) cannot decompress: berth-init must
+	// decompress them itself and load them with init_module.
+	zf, err := os.Create(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Build(zf, Options{Root: zstdModulesFS{base: os.DirFS(trixie), osRoot: trixie}, KernelVersion: kver, InitBinary: berthInit})
+	zf.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	log = boot(3, good)
+	for _, want := range []string{
+		`0 by the kernel from compressed files, 0 uncompressed, [1-9]\d* decompressed by berth-init, \d+ already loaded, \d+ not for this hardware, 0 failed`,
+		`GUEST: second boot: persistent change found`,
+		`GUEST: done`,
+	} {
+		if !regexp.MustCompile(want).MatchString(log) {
+			t.Errorf("boot 3 (zstd modules): serial log lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		return
+	}
+
+	// Boot 4: the entry names an image whose content is not what its name
 	// says (a copy of the real image under another digest). berth-init must
 	// refuse on the console and reboot (qemu -no-reboot then exits).
 	if _, err := exec.LookPath("debugfs"); err != nil {
@@ -205,13 +231,13 @@ func TestQEMUSmoke(t *testing.T) {
 	if o, err := dfs.CombinedOutput(); err != nil {
 		t.Fatalf("debugfs: %v\n%s", err, o)
 	}
-	log = boot(3, "berth.composefs=?"+other+" berth.deploy=other")
+	log = boot(4, "berth.composefs=?"+other+" berth.deploy=other")
 	for _, want := range []string{"berth: cannot boot", "Problem: composefs image digest mismatch", "Fix:", "berth: rebooting in 30s", "reboot: Restarting system"} {
 		if !strings.Contains(log, want) {
-			t.Errorf("boot 3: serial log lacks %q", want)
+			t.Errorf("boot 4: serial log lacks %q", want)
 		}
 	}
 	if strings.Contains(log, "GUEST:") {
-		t.Error("boot 3 ran the image's init despite the digest mismatch")
+		t.Error("boot 4 ran the image's init despite the digest mismatch")
 	}
 }

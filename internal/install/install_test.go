@@ -26,6 +26,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"golang.org/x/sys/unix"
 
+	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/initrd"
@@ -111,11 +112,11 @@ func fakeImageFiles(t *testing.T, kver string, withKernel bool) map[string][]byt
 	files := map[string][]byte{
 		"usr/lib/modules/" + kver + "/modules.dep":     nil,
 		"usr/lib/modules/" + kver + "/modules.builtin": []byte(builtin.String()),
-		"etc/os-release":                               []byte("PRETTY_NAME=\"berth test image\"\nID=debian\nVERSION_ID=13\n"),
-		"var/lib/app/state":                            bytes.Repeat([]byte("state "), 100),
-		"root/.profile":                                []byte("PS1='# '\n"),
-		"home/":                                        nil,
-		"usr/bin/hello":                                bytes.Repeat([]byte("hello world\n"), 50),
+		"etc/os-release":    []byte("PRETTY_NAME=\"berth test image\"\nID=debian\nVERSION_ID=13\n"),
+		"var/lib/app/state": bytes.Repeat([]byte("state "), 100),
+		"root/.profile":     []byte("PS1='# '\n"),
+		"home/":             nil,
+		"usr/bin/hello":     bytes.Repeat([]byte("hello world\n"), 50),
 	}
 	if withKernel {
 		files["usr/lib/modules/"+kver+"/vmlinuz"] = kernel
@@ -530,5 +531,177 @@ func TestHasContentAndSizes(t *testing.T) {
 	b, _ := json.Marshal(Result{})
 	if !strings.Contains(string(b), `"cmdline"`) {
 		t.Error("Result JSON")
+	}
+}
+
+func TestToFilesystemAndDeployImage(t *testing.T) {
+	needRoot(t)
+	const kver = "6.1.0-berth-test"
+	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
+	tmp := t.TempDir()
+	// A root filesystem without a partition table: root= falls back to UUID=.
+	img := filepath.Join(tmp, "root.img")
+	os.WriteFile(img, nil, 0o644)
+	os.Truncate(img, 1536<<20)
+	const fsUUID = "0e2e0002-1111-4222-8333-444455556666"
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "verity", "-U", fsUUID, img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	dev, err := loopdev.Attach(img, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach()
+	root, esp := filepath.Join(tmp, "root"), filepath.Join(tmp, "esp")
+	os.Mkdir(root, 0o755)
+	os.Mkdir(esp, 0o755)
+	if _, err := ToFilesystem(context.Background(), esp, esp, testOptions(t, ref)); err == nil || !strings.Contains(err.Error(), "not a mount point") {
+		t.Errorf("to-filesystem on a plain directory: %v", err)
+	}
+	if err := unix.Mount(dev.Path, root, "ext4", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(root, 0)
+
+	res, err := ToFilesystem(context.Background(), root, esp, testOptions(t, ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Root != "UUID="+fsUUID || !strings.HasPrefix(res.Cmdline, "root=UUID="+fsUUID+" rw ") {
+		t.Errorf("root %q, cmdline %q", res.Root, res.Cmdline)
+	}
+	first := res.Deployment
+	if _, err := os.Stat(filepath.Join(esp, "EFI/Linux/berth-"+first.ID+"+3.efi")); err != nil {
+		t.Error(err)
+	}
+
+	// A second deployment of the same image from the store (what berthd
+	// does on upgrade): new serial, same digest, cached initramfs, and it
+	// becomes the default entry.
+	oimg, err := oci.LookupImage(root, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := testOptions(t, ref)
+	res2, err := DeployImage(root, esp, oimg, DeployOptions{Root: res.Root, Runtime: opts.Runtime, Progress: opts.Progress, LocalMode: "transient", Origin: "upgrade"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := res2.Deployment
+	if second.ID != "2-"+first.ComposefsDigest[:12] || second.ComposefsDigest != first.ComposefsDigest || second.Origin != "upgrade" {
+		t.Errorf("second deployment %+v (first %+v)", second, first)
+	}
+	if !res2.InitrdCached || res2.InitrdPath != res.InitrdPath {
+		t.Errorf("initramfs not reused from the cache: %+v", res2)
+	}
+	if !strings.Contains(res2.Cmdline, " berth.local=transient ") {
+		t.Errorf("cmdline %q", res2.Cmdline)
+	}
+	e, err := bootESP(esp).Default()
+	if err != nil || e == nil || e.ID != second.ID {
+		t.Fatalf("default entry %+v, %v", e, err)
+	}
+	l := store.At(root)
+	if err := deploy.Remove(l, second.ID, deploy.RemoveOptions{Default: e.ID}); err == nil {
+		t.Error("removed the default deployment")
+	}
+	if err := deploy.Remove(l, first.ID, deploy.RemoveOptions{Default: e.ID}); err != nil {
+		t.Error(err)
+	}
+	if ds, _ := deploy.List(l); len(ds) != 1 || ds[0].ID != second.ID {
+		t.Errorf("after remove: %v", ds)
+	}
+}
+
+func bootESP(dir string) boot.ESP { return boot.ESP{Dir: dir} }
+
+func TestToDiskBtrfs(t *testing.T) {
+	needRoot(t)
+	if _, err := exec.LookPath("mkfs.btrfs"); err != nil {
+		t.Skip("mkfs.btrfs not installed (btrfs-progs)")
+	}
+	const kver = "6.1.0-berth-test"
+	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
+	disk := filepath.Join(t.TempDir(), "disk.img")
+	opts := testOptions(t, ref)
+	opts.Filesystem = "btrfs"
+	opts.Size = 2 << 30
+	res, err := ToDisk(context.Background(), disk, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertReleased(t, disk)
+	start, last, _, err := partitionInfo(context.Background(), disk, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := loopdev.Attach(disk, loopdev.Options{Offset: start * 512, SizeLimit: (last - start + 1) * 512, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach()
+	mnt := t.TempDir()
+	if err := unix.Mount(dev.Path, mnt, "btrfs", unix.MS_RDONLY, ""); err != nil {
+		t.Fatalf("mount the root as btrfs: %v", err)
+	}
+	defer unix.Unmount(mnt, 0)
+	d, err := deploy.Read(store.At(mnt), res.Deployment.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest, err := fsverity.DigestFile(store.At(mnt).Image(d.ComposefsDigest), fsverity.SHA256)
+	if err != nil || hex.EncodeToString(digest) != d.ComposefsDigest {
+		t.Errorf("image digest %x (%v), deployment %s", digest, err, d.ComposefsDigest)
+	}
+}
+
+func TestToDiskBlockDevice(t *testing.T) {
+	needRoot(t)
+	const kver = "6.1.0-berth-test"
+	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
+	tmp := t.TempDir()
+	backing := filepath.Join(tmp, "disk.img")
+	os.WriteFile(backing, nil, 0o644)
+	os.Truncate(backing, 2<<30)
+	dev, err := loopdev.Attach(backing, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach()
+
+	// A mounted block device is refused.
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev.Path).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	mnt := filepath.Join(tmp, "mnt")
+	os.Mkdir(mnt, 0o755)
+	if err := unix.Mount(dev.Path, mnt, "ext4", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	opts := testOptions(t, ref)
+	opts.Wipe = true
+	_, err = ToDisk(context.Background(), dev.Path, opts)
+	unix.Unmount(mnt, 0)
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("mounted block device: %v", err)
+	}
+	// The filesystem is data: --wipe is needed.
+	if _, err := ToDisk(context.Background(), dev.Path, testOptions(t, ref)); err == nil || !strings.Contains(err.Error(), "--wipe") {
+		t.Fatalf("block device with a filesystem, no --wipe: %v", err)
+	}
+	res, err := ToDisk(context.Background(), dev.Path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Target != dev.Path {
+		t.Errorf("target %s", res.Target)
+	}
+	// The partition table went to the device (and so to its backing file).
+	out, err := exec.Command("sgdisk", "-p", backing).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "berth-root") {
+		t.Errorf("sgdisk -p %s: %v\n%s", backing, err, out)
+	}
+	if devs := loopDevicesBacking(dev.Path); len(devs) > 0 {
+		t.Errorf("partition loop devices left on %s: %v", dev.Path, devs)
 	}
 }

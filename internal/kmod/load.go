@@ -45,12 +45,14 @@ func Load(path string) Result {
 		r.How = "finit"
 		r.Err = finit(f, 0)
 	} else {
-		// Let the kernel decompress when it can; it refuses other formats
-		// (and kernels before 5.17 the flag) with EOPNOTSUPP/EINVAL, then
-		// we decompress in Go.
+		// Let the kernel decompress when it can. Kernels without
+		// CONFIG_MODULE_DECOMPRESS, or built for another format, refuse
+		// with EOPNOTSUPP/EINVAL (before 5.17 the flag itself is EINVAL):
+		// then decompress in Go. Other errors come from the module itself
+		// (ENODEV: no such hardware) and are final.
 		r.How = "finit-compressed"
 		r.Err = finit(f, moduleInitCompressedFile)
-		if r.Err != nil && !errors.Is(r.Err, unix.EEXIST) {
+		if errors.Is(r.Err, unix.EOPNOTSUPP) || errors.Is(r.Err, unix.EINVAL) || errors.Is(r.Err, unix.ENOSYS) {
 			r.How = "init-decompressed"
 			r.Err = initDecompressed(f, comp)
 		}

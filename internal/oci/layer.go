@@ -2,11 +2,14 @@ package oci
 
 import (
 	"archive/tar"
+	"bytes"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"strings"
+	"sync"
 )
 
 // Limits applied to every layer. They are far above what real images use
@@ -89,7 +92,17 @@ func layerErr(path, format string, args ...any) error {
 type readLimits struct {
 	maxFileSize int64
 	maxEntries  int
+	workers     int // parallel object writers; default GOMAXPROCS
 }
+
+// Files up to bufferedMax bytes are read into memory and stored by a pool
+// of workers while the tar stream is read on, so hashing and file creation
+// run in parallel with decompression and tar parsing; bigger files are
+// streamed straight into the store. inFlightMax bounds the buffered bytes.
+const (
+	bufferedMax = 1 << 20
+	inFlightMax = 64 << 20
+)
 
 // readLayer parses an uncompressed layer tar, validates every entry and
 // streams file contents into sink. It reads tr to the end of the archive
@@ -101,9 +114,28 @@ func readLayer(r io.Reader, sink objectSink, lim readLimits, onBytes func(int64)
 	if lim.maxEntries <= 0 {
 		lim.maxEntries = maxEntriesDefault
 	}
+	if lim.workers <= 0 {
+		lim.workers = runtime.GOMAXPROCS(0)
+	}
+	st := newStorer(sink, lim.workers)
+	entries, err := parseLayer(r, st, lim, onBytes)
+	if werr := st.wait(); err == nil {
+		err = werr
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Entry, len(entries))
+	for i, e := range entries {
+		out[i] = *e
+	}
+	return out, nil
+}
+
+func parseLayer(r io.Reader, st *storer, lim readLimits, onBytes func(int64)) ([]*Entry, error) {
 	tr := tar.NewReader(r)
 	seen := map[string]struct{}{}
-	var entries []Entry
+	var entries []*Entry
 	for {
 		hdr, err := tr.Next()
 		if err == io.EOF {
@@ -134,28 +166,35 @@ func readLayer(r io.Reader, sink objectSink, lim readLimits, onBytes func(int64)
 		}
 		seen[key] = struct{}{}
 		if e.Kind == KindFile && e.Size > 0 {
-			if err := readContent(tr, e, sink); err != nil {
+			if err := readContent(tr, e, st); err != nil {
 				return nil, err
 			}
 			if onBytes != nil {
 				onBytes(int64(e.Size))
 			}
 		}
-		entries = append(entries, *e)
+		entries = append(entries, e)
+		if err := st.failed(); err != nil {
+			return nil, err
+		}
 	}
 	return entries, nil
 }
 
-func readContent(tr io.Reader, e *Entry, sink objectSink) error {
-	if e.Size <= inlineMax {
+func readContent(tr io.Reader, e *Entry, st *storer) error {
+	if e.Size <= bufferedMax {
 		buf := make([]byte, e.Size)
 		if _, err := io.ReadFull(tr, buf); err != nil {
 			return fmt.Errorf("read %s: truncated layer: %w", e.Path, err)
 		}
-		e.Inline = buf
+		if e.Size <= inlineMax {
+			e.Inline = buf
+			return nil
+		}
+		st.submit(e, buf)
 		return nil
 	}
-	digest, n, err := sink.AddReader(tr)
+	digest, n, err := st.sink.AddReader(tr)
 	if err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return fmt.Errorf("read %s: truncated layer: %w", e.Path, err)
@@ -167,6 +206,82 @@ func readContent(tr io.Reader, e *Entry, sink objectSink) error {
 	}
 	e.Digest = hex.EncodeToString(digest)
 	return nil
+}
+
+// storer adds buffered file contents to the sink from a pool of workers.
+type storer struct {
+	sink     objectSink
+	jobs     chan storeJob
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	cond     *sync.Cond
+	inFlight int
+	err      error
+	closed   bool
+}
+
+type storeJob struct {
+	e   *Entry
+	buf []byte
+}
+
+func newStorer(sink objectSink, workers int) *storer {
+	st := &storer{sink: sink, jobs: make(chan storeJob, 256)}
+	st.cond = sync.NewCond(&st.mu)
+	for range workers {
+		st.wg.Add(1)
+		go func() {
+			defer st.wg.Done()
+			for j := range st.jobs {
+				st.store(j)
+			}
+		}()
+	}
+	return st
+}
+
+func (st *storer) store(j storeJob) {
+	digest, n, err := st.sink.AddReader(bytes.NewReader(j.buf))
+	if err == nil && n != int64(len(j.buf)) {
+		err = fmt.Errorf("stored %d of %d bytes", n, len(j.buf))
+	}
+	st.mu.Lock()
+	if err != nil && st.err == nil {
+		st.err = fmt.Errorf("store content of %s: %w", j.e.Path, err)
+	}
+	st.inFlight -= len(j.buf)
+	st.cond.Broadcast()
+	st.mu.Unlock()
+	if err == nil {
+		j.e.Digest = hex.EncodeToString(digest)
+	}
+}
+
+// submit queues buf for storing, waiting while too much is buffered.
+func (st *storer) submit(e *Entry, buf []byte) {
+	st.mu.Lock()
+	for st.inFlight > 0 && st.inFlight+len(buf) > inFlightMax && st.err == nil {
+		st.cond.Wait()
+	}
+	st.inFlight += len(buf)
+	st.mu.Unlock()
+	st.jobs <- storeJob{e: e, buf: buf}
+}
+
+func (st *storer) failed() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.err
+}
+
+// wait finishes all queued work and returns the first error.
+func (st *storer) wait() error {
+	if !st.closed {
+		st.closed = true
+		close(st.jobs)
+	}
+	st.wg.Wait()
+	return st.failed()
 }
 
 // cleanPath validates a tar entry name and returns it relative to the

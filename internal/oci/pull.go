@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -518,11 +519,11 @@ type layerStats struct {
 // countingSink counts the files a layer streams into the store.
 type countingSink struct {
 	b *composefs.Batch
-	n int
+	n atomic.Int64
 }
 
 func (c *countingSink) AddReader(r io.Reader) ([]byte, int64, error) {
-	c.n++
+	c.n.Add(1)
 	return c.b.AddReader(r)
 }
 
@@ -578,7 +579,7 @@ func readLayerBlob(blob io.Reader, info types.BlobInfo, diffID digest.Digest, ba
 	sink := &countingSink{b: batch}
 	var content int64
 	entries, err := readLayer(tarStream, sink, readLimits{maxFileSize: opts.MaxFileSize}, func(n int64) { content += n })
-	ls.hashed, ls.content = sink.n, content
+	ls.hashed, ls.content = int(sink.n.Load()), content
 	if err != nil {
 		return nil, ls, err
 	}

@@ -8,7 +8,8 @@
 //	res, err := uki.Build(out, uki.Options{
 //		Stub: stub, Linux: vmlinuz, Initrds: [][]byte{initrd},
 //		Cmdline: "root=... berth.composefs=...", OSRelease: osrel, Uname: "6.12.0-1-amd64",
-//		SignKey: key, SignCert: cert, // optional; see LoadSigner
+//		SignKey: key, SignCert: cert, // optional Secure Boot signing; see LoadSigner
+//		PCRSignKey: pcrKey,           // optional .pcrsig/.pcrpkey; see LoadPrivateKey
 //	})
 //	// out is written crash-safely; out+".pcr11.json" holds res.PCR11.
 //
@@ -52,6 +53,14 @@ type Options struct {
 	SBAT    string
 	PCRPKey []byte // .pcrpkey (PEM public key for signed PCR policies); empty = none
 	Splash  []byte // .splash (BMP); empty = none
+
+	// PCRSignKey (RSA), when set, signs the expected PCR 11 values of the
+	// phase paths PCRPhases (nil = DefaultPhasePaths) for the sha256 bank
+	// into a .pcrsig section, as `systemd-measure sign` does, for TPM
+	// policies bound to a signing key instead of literal PCR values. Its
+	// public key becomes .pcrpkey unless PCRPKey is given.
+	PCRSignKey crypto.Signer
+	PCRPhases  []string
 
 	// SignKey and SignCert sign the UKI (Authenticode, SHA-256). Both or neither.
 	SignKey  crypto.Signer
@@ -215,6 +224,12 @@ func Assemble(opts Options) ([]byte, *Result, error) {
 			secs = append(secs, newSection{name, data, flags})
 		}
 	}
+	if opts.PCRSignKey != nil && len(opts.PCRPKey) == 0 {
+		opts.PCRPKey, err = publicKeyPEM(opts.PCRSignKey)
+		if err != nil {
+			return nil, nil, err
+		}
+	}
 	data := uint32(scnCntInitialized | scnMemRead)
 	add(".osrel", opts.OSRelease, data)
 	add(".cmdline", []byte(opts.Cmdline), data)
@@ -230,6 +245,16 @@ func Assemble(opts Options) ([]byte, *Result, error) {
 	}
 	if err := p.appendSections(secs); err != nil {
 		return nil, nil, fmt.Errorf("stub: %w", err)
+	}
+	if opts.PCRSignKey != nil {
+		// .pcrsig is not measured, so it can sign what the rest measures.
+		sig, err := signPCR11(opts.PCRSignKey, p.measuredSections(stubVersion), opts.PCRPhases)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := p.appendSections([]newSection{{".pcrsig", sig, data}}); err != nil {
+			return nil, nil, fmt.Errorf("stub: %w", err)
+		}
 	}
 
 	out := p.data

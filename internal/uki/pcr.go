@@ -2,10 +2,18 @@ package uki
 
 import (
 	"crypto"
+	"crypto/rsa"
 	_ "crypto/sha1" // PCR banks
-	_ "crypto/sha256"
+	"crypto/sha256"
 	_ "crypto/sha512"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 )
@@ -109,4 +117,59 @@ func PredictPCR11(sections []MeasuredSection, phasePaths []string) PCR11 {
 		}
 	}
 	return res
+}
+
+// policyPCRDigest is the TPM2 policy digest of TPM2_PolicyPCR over PCR 11
+// of the sha256 bank holding value, starting from an empty policy:
+// H(0…0 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION{sha256: PCR 11} || H(value)).
+func policyPCRDigest(value []byte) []byte {
+	const ccPolicyPCR, algSHA256 = 0x0000017f, 0x000b
+	pcrDigest := sha256.Sum256(value)
+	b := make([]byte, sha256.Size, 128)
+	b = binary.BigEndian.AppendUint32(b, ccPolicyPCR)
+	b = binary.BigEndian.AppendUint32(b, 1) // one selection
+	b = binary.BigEndian.AppendUint16(b, algSHA256)
+	b = append(b, 3, 0, 1<<(11-8), 0) // 3 bitmap bytes, PCR 11
+	b = append(b, pcrDigest[:]...)
+	d := sha256.Sum256(b)
+	return d[:]
+}
+
+// PCRSignature is one entry of a .pcrsig section (systemd-measure sign).
+type PCRSignature struct {
+	PCRs        []int  `json:"pcrs"`
+	Fingerprint string `json:"pkfp"` // sha256 of the PKCS#1 DER public key
+	Policy      string `json:"pol"`  // TPM2 PolicyPCR digest
+	Signature   string `json:"sig"`  // base64 RSA PKCS#1 v1.5 signature over the policy digest (SHA-256)
+}
+
+// signPCR11 produces .pcrsig JSON for the sha256 bank.
+func signPCR11(key crypto.Signer, sections []MeasuredSection, phasePaths []string) ([]byte, error) {
+	pub, ok := key.Public().(*rsa.PublicKey)
+	if !ok {
+		return nil, errors.New("PCR signing key: only RSA keys are supported")
+	}
+	fp := sha256.Sum256(x509.MarshalPKCS1PublicKey(pub))
+	var out []PCRSignature
+	for _, v := range PredictPCR11(sections, phasePaths)["sha256"] {
+		value, _ := hex.DecodeString(v.Hash)
+		pol := policyPCRDigest(value)
+		h := sha256.Sum256(pol)
+		sig, err := key.Sign(nil, h[:], crypto.SHA256)
+		if err != nil {
+			return nil, fmt.Errorf("sign PCR 11 policy for %s: %w", v.Phase, err)
+		}
+		out = append(out, PCRSignature{PCRs: []int{11}, Fingerprint: hex.EncodeToString(fp[:]),
+			Policy: hex.EncodeToString(pol), Signature: base64.StdEncoding.EncodeToString(sig)})
+	}
+	return json.Marshal(map[string][]PCRSignature{"sha256": out})
+}
+
+// publicKeyPEM is the PEM SubjectPublicKeyInfo of key, the .pcrpkey format.
+func publicKeyPEM(key crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return nil, fmt.Errorf("PCR signing key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), nil
 }

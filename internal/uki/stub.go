@@ -100,21 +100,9 @@ func LoadSigner(keyPath, certPath string) (crypto.Signer, *x509.Certificate, err
 	if err != nil {
 		return nil, nil, fmt.Errorf("read signing certificate: %w", err)
 	}
-	kblk, _ := pem.Decode(kb)
-	if kblk == nil {
-		return nil, nil, fmt.Errorf("signing key %s: no PEM block", keyPath)
-	}
-	var key crypto.Signer
-	if k, err := x509.ParsePKCS1PrivateKey(kblk.Bytes); err == nil {
-		key = k
-	} else if k, err := x509.ParsePKCS8PrivateKey(kblk.Bytes); err == nil {
-		s, ok := k.(crypto.Signer)
-		if !ok {
-			return nil, nil, fmt.Errorf("signing key %s: unsupported key type %T", keyPath, k)
-		}
-		key = s
-	} else {
-		return nil, nil, fmt.Errorf("signing key %s: not a PKCS#1 or PKCS#8 private key", keyPath)
+	key, err := parsePrivateKey(kb)
+	if err != nil {
+		return nil, nil, fmt.Errorf("signing key %s: %w", keyPath, err)
 	}
 	cblk, _ := pem.Decode(cb)
 	if cblk == nil || cblk.Type != "CERTIFICATE" {
@@ -125,4 +113,37 @@ func LoadSigner(keyPath, certPath string) (crypto.Signer, *x509.Certificate, err
 		return nil, nil, fmt.Errorf("signing certificate %s: %w", certPath, err)
 	}
 	return key, cert, nil
+}
+
+// LoadPrivateKey reads a PEM private key (PKCS#1 or PKCS#8), e.g. the PCR
+// signing key for Options.PCRSignKey.
+func LoadPrivateKey(path string) (crypto.Signer, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read private key: %w", err)
+	}
+	k, err := parsePrivateKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("private key %s: %w", path, err)
+	}
+	return k, nil
+}
+
+func parsePrivateKey(b []byte) (crypto.Signer, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, errors.New("no PEM block")
+	}
+	if k, err := x509.ParsePKCS1PrivateKey(blk.Bytes); err == nil {
+		return k, nil
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, errors.New("not a PKCS#1 or PKCS#8 private key")
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("unsupported key type %T", k)
+	}
+	return s, nil
 }

@@ -584,3 +584,71 @@ func TestMatchesUkify(t *testing.T) {
 		}
 	}
 }
+
+// TestPCRSigMatchesSystemdMeasureSign: the .pcrsig entries equal what
+// `systemd-measure sign` computes for the same sections and key (RSA
+// PKCS#1 v1.5 signatures are deterministic, so they compare byte for byte).
+func TestPCRSigMatchesSystemdMeasureSign(t *testing.T) {
+	measure := systemdMeasure(t)
+	need(t, "openssl")
+	for _, sc := range realStubs(t) {
+		t.Run(sc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			keyPath := filepath.Join(dir, "pcr.key")
+			run(t, "openssl", "genrsa", "-out", keyPath, "2048")
+			pubPath := filepath.Join(dir, "pcr.pub")
+			run(t, "openssl", "rsa", "-in", keyPath, "-pubout", "-out", pubPath)
+			key, err := LoadPrivateKey(keyPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts := testOptions(t, sc.path)
+			opts.PCRSignKey = key
+			out := filepath.Join(dir, "uki.efi")
+			res, err := Build(out, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			secs, err := ReadSectionsFile(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pub, _ := os.ReadFile(pubPath); !bytes.Equal(secs[".pcrpkey"], pub) {
+				t.Errorf(".pcrpkey is not the PEM public key:\n%s", secs[".pcrpkey"])
+			}
+			var got map[string][]PCRSignature
+			if err := json.Unmarshal(secs[".pcrsig"], &got); err != nil {
+				t.Fatalf(".pcrsig: %v\n%s", err, secs[".pcrsig"])
+			}
+			args := []string{"sign", "--json=short", "--bank=sha256", "--private-key=" + keyPath, "--public-key=" + pubPath}
+			for _, name := range []string{".linux", ".osrel", ".cmdline", ".initrd", ".uname", ".sbat", ".pcrpkey"} {
+				if strings.HasPrefix(res.StubVersion, "252") && (name == ".uname" || name == ".sbat") {
+					continue // not measured by systemd-stub 252
+				}
+				f := filepath.Join(dir, "in"+name)
+				os.WriteFile(f, secs[name], 0o644)
+				args = append(args, "--"+name[1:]+"="+f)
+			}
+			for _, ph := range DefaultPhasePaths {
+				args = append(args, "--phase="+ph)
+			}
+			var want map[string][]PCRSignature
+			if err := json.Unmarshal(measure(args...), &want); err != nil {
+				t.Fatal(err)
+			}
+			if len(want["sha256"]) != len(DefaultPhasePaths) || len(got["sha256"]) != len(want["sha256"]) {
+				t.Fatalf("entries: got %d, systemd-measure %d", len(got["sha256"]), len(want["sha256"]))
+			}
+			for i := range want["sha256"] {
+				g, w := got["sha256"][i], want["sha256"][i]
+				if g.Policy != w.Policy || g.Signature != w.Signature || g.Fingerprint != w.Fingerprint || len(g.PCRs) != 1 || g.PCRs[0] != 11 {
+					t.Errorf("phase %s: got %+v\nsystemd-measure %+v", DefaultPhasePaths[i], g, w)
+				}
+			}
+			// .pcrsig is the last section and not measured.
+			if n := len(res.Sections); res.Sections[n-1].Name != ".pcrsig" {
+				t.Errorf("last section %s", res.Sections[n-1].Name)
+			}
+		})
+	}
+}
