@@ -62,6 +62,10 @@ install: build
 	@if ls units/*.service units/*.timer >/dev/null 2>&1; then \
 	  install -d $(DESTDIR)$(PREFIX)/lib/systemd/system; \
 	  install -m 0644 units/*.service units/*.timer $(DESTDIR)$(PREFIX)/lib/systemd/system/ 2>/dev/null || true; fi
+	install -d $(DESTDIR)$(PREFIX)/share/dbus-1/system.d $(DESTDIR)$(PREFIX)/share/dbus-1/system-services $(DESTDIR)$(PREFIX)/share/polkit-1/actions
+	install -m 0644 data/dbus/org.berth1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/
+	install -m 0644 data/dbus/org.berth1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/
+	install -m 0644 data/polkit/org.berth1.policy $(DESTDIR)$(PREFIX)/share/polkit-1/actions/
 	@if [ -d dracut/90berth ]; then \
 	  install -d $(DESTDIR)$(PREFIX)/lib/dracut/modules.d/90berth; \
 	  install -m 0755 dracut/90berth/* $(DESTDIR)$(PREFIX)/lib/dracut/modules.d/90berth/; fi
