@@ -476,6 +476,9 @@ func (im *Image) Root() (*Inode, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read composefs image: %w", err)
 	}
+	if !root.IsDir() {
+		return nil, fmt.Errorf("read composefs image: %w", corrupt("root inode %d is not a directory", im.rootNid))
+	}
 	return root, nil
 }
 

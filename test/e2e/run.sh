@@ -46,11 +46,11 @@ gotest() {  # gotest RUN-FILTER TIMEOUT
 
 case $mode in
   e2e)
-    # Images first: cached by recipe hash, so this is quick after the first run.
-    go run -tags "$tags" ./test/e2e/cmd/mkguest -recipe all
     if ! why=$(berth_install_ready); then
       die "$why — the scenarios install the guest with \`berth install to-disk DISK --image oci-archive:… --wipe --root-ssh-authorized-keys KEY\`; nothing was booted"
     fi
+    # Images: cached by recipe hash, so this is quick after the first run.
+    go run -tags "$tags" ./test/e2e/cmd/mkguest -recipe all
     gotest "${E2E_RUN:-TestMkosi|TestTrixie|TestVariant}" 80m
     ;;
   harness)

@@ -18,7 +18,7 @@ type Summary struct {
 // SummaryRow is one line of the table.
 type SummaryRow struct {
 	Scenario string
-	Result   string // PASS, FAIL, SKIP
+	Result   string // PASS, FAIL, SKIP; INFO for a measurement (not counted in the total)
 	Seconds  float64
 	Note     string
 }
@@ -51,10 +51,12 @@ func (s *Summary) Print(w io.Writer) {
 	var total float64
 	for _, r := range rows {
 		fmt.Fprintf(w, "%-*s  %-6s  %9.1f  %s\n", width, r.Scenario, r.Result, r.Seconds, r.Note)
-		total += r.Seconds
+		if r.Result != "INFO" {
+			total += r.Seconds
+		}
 	}
 	fmt.Fprintln(w, line)
-	fmt.Fprintf(w, "%-*s  %-6s  %9.1f\n", width, "total", "", total)
+	fmt.Fprintf(w, "%-*s  %-6s  %9.1f  %s\n", width, "total", "", total, "(steps; INFO rows are measurements inside them)")
 }
 
 // WriteFile writes the table to path.
