@@ -12,7 +12,7 @@ DESTDIR   ?=
 STATICCHECK_VERSION := v0.8.2
 
 BINARIES := berth berthd berth-init
-.PHONY: all build test unit lint fuzz e2e check bench install deps demo vm clean
+.PHONY: all build test guest unit roundtrip-usr lint fuzz e2e check bench install deps demo vm clean
 
 all: build
 
@@ -25,7 +25,18 @@ deps:
 	test/deps.sh
 
 ## test: unit + privileged integration tests (privileged ones run as root, skip otherwise), lint, bounded fuzzing.
-test: build lint unit fuzz
+test: build lint guest unit roundtrip-usr fuzz
+
+## guest: the standard Debian trixie guest root filesystems (cached by recipe hash); privileged
+## tests use them for a real kernel, modules, systemd-stub and systemd-measure.
+guest:
+	@if [ "$$(id -u)" = 0 ] && command -v mmdebstrap >/dev/null; then \
+	  $(GO) run -tags $(GOTAGS) ./test/e2e/cmd/mkguest -recipe all; \
+	else echo "guest: skipped (needs root and mmdebstrap); tests that need the guest rootfs will skip"; fi
+
+## roundtrip-usr: composefs round trip through the kernel on a copy of /usr (>= 100,000 entries).
+roundtrip-usr:
+	BERTH_ROUNDTRIP_USR=1 $(GO) test -tags $(GOTAGS) -count=1 -timeout 20m -run '^TestRoundTripUsr$$' ./internal/composefs/
 
 unit:
 	$(GO) test -tags $(GOTAGS) -count=1 -timeout 40m ./...

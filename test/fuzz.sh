@@ -8,6 +8,6 @@ for f in $(grep -rl --include='*_test.go' '^func Fuzz' internal cmd 2>/dev/null)
   pkg=./$(dirname "$f")
   for name in $(grep -o '^func Fuzz[A-Za-z0-9_]*' "$f" | sed 's/^func //'); do
     echo "fuzz: $pkg $name ($t)"
-    go test -tags "$tags" -run='^$' -fuzz="^${name}\$" -fuzztime="$t" "$pkg"
+    go test -tags "$tags" -run='^$' -fuzz="^${name}\$" -fuzztime="$t" -fuzzminimizetime=5x "$pkg"
   done
 done

@@ -9,7 +9,10 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/internal/boot"
+	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/progress"
+	"github.com/berth-dev/berth/internal/store"
 )
 
 func TestRunJobViaDaemon(t *testing.T) {
@@ -94,10 +97,17 @@ func TestRunJobDirectRollback(t *testing.T) {
 	if err != nil || last.Kind != KindRollback || last.State != StateDone {
 		t.Fatalf("last job: %+v %v", last, err)
 	}
-	// Direct cleanup: the engine removes nothing needed and then fails
-	// clearly on the missing object garbage collector.
-	_, _, err = RunJob(context.Background(), Request{Kind: KindCleanup, Direct: true, Sysroot: sysroot}, nil)
-	if err == nil || !strings.Contains(err.Error(), "not implemented yet") {
-		t.Fatalf("cleanup: %v", err)
+	// Direct cleanup: the default deployment, its image and its objects
+	// survive the garbage collection.
+	res, _, err = RunJob(context.Background(), Request{Kind: KindCleanup, Direct: true, Sysroot: sysroot}, nil)
+	if err != nil || res.State != StateDone {
+		t.Fatalf("cleanup: %+v %v", res, err)
+	}
+	l := store.At(sysroot)
+	if _, err := deploy.Read(l, a.ID); err != nil {
+		t.Fatalf("cleanup removed the default deployment: %v", err)
+	}
+	if err := composefs.Check(l.Image(a.ComposefsDigest)); err != nil {
+		t.Fatalf("cleanup damaged the default deployment's image: %v", err)
 	}
 }

@@ -413,6 +413,21 @@ func (b *Batch) AddReader(r io.Reader) ([]byte, int64, error) {
 	return digest, size, nil
 }
 
+// fill reads into buf until it is full or r fails. Unlike io.ReadFull it
+// passes a source's own io.ErrUnexpectedEOF (a truncated tar entry) through
+// as an error instead of confusing it with a short final read.
+func fill(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
 func writeHashed(tmp string, r io.Reader, alg fsverity.Algorithm) ([]byte, int64, error) {
 	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
@@ -425,7 +440,7 @@ func writeHashed(tmp string, r io.Reader, alg fsverity.Algorithm) ([]byte, int64
 	buf := *bp
 	var size int64
 	for {
-		n, rerr := io.ReadFull(r, buf)
+		n, rerr := fill(r, buf)
 		if n > 0 {
 			h.Write(buf[:n])
 			if _, err := out.Write(buf[:n]); err != nil {
@@ -433,7 +448,7 @@ func writeHashed(tmp string, r io.Reader, alg fsverity.Algorithm) ([]byte, int64
 			}
 			size += int64(n)
 		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+		if rerr == io.EOF {
 			break
 		}
 		if rerr != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -306,5 +307,32 @@ func TestStoreRejects(t *testing.T) {
 	}
 	if s.Has(make([]byte, 31)) {
 		t.Error("Has(31-byte digest)")
+	}
+}
+
+// truncatedReader yields some bytes, then fails like a truncated tar entry.
+type truncatedReader struct{ left int }
+
+func (r *truncatedReader) Read(p []byte) (int, error) {
+	if r.left == 0 {
+		return 0, io.ErrUnexpectedEOF
+	}
+	n := min(len(p), r.left)
+	for i := range p[:n] {
+		p[i] = 'x'
+	}
+	r.left -= n
+	return n, nil
+}
+
+func TestAddReaderTruncatedSource(t *testing.T) {
+	s, err := OpenStore(t.TempDir(), fsverity.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := s.NewBatch()
+	defer b.Abort()
+	if _, _, err := b.AddReader(&truncatedReader{left: 100000}); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("AddReader of a truncated source: err = %v, want io.ErrUnexpectedEOF", err)
 	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -91,24 +92,41 @@ func (g *guest) stop(t *testing.T) {
 func (g *guest) bootDirect(t *testing.T, label string, extra ...string) {
 	t.Helper()
 	g.stop(t)
-	vm, err := g.m.Boot(context.Background(), harness.BootOptions{Label: label, Timeout: bootTimeout,
+	g.vm = g.bootRetry(t, harness.BootOptions{Label: label, Timeout: bootTimeout,
 		Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: g.uki.Initrd, Append: g.directCmdline(extra...)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g.vm = vm
-	at, err := vm.WaitSSH(context.Background(), sshTimeout)
-	if err != nil {
+}
+
+// bootRetry boots and waits for SSH. A guest kernel panic (a TCG flake, see
+// harness.ErrKernelPanic) gets one more boot, recorded in the summary as FLAKE.
+func (g *guest) bootRetry(t *testing.T, o harness.BootOptions) *harness.VM {
+	t.Helper()
+	label := o.Label
+	for attempt := 1; ; attempt++ {
+		vm, err := g.m.Boot(context.Background(), o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		at, err := vm.WaitSSH(context.Background(), sshTimeout)
+		if err == nil {
+			t.Logf("%s: SSH after %.1f s", o.Label, at.Seconds())
+			return vm
+		}
+		if errors.Is(err, harness.ErrKernelPanic) && attempt == 1 {
+			t.Logf("%v: booting once more", err)
+			lane.summary.Add(g.name+"/"+label+"/retry", "FLAKE", at, "guest kernel panic, see "+vm.Serial)
+			vm.Kill()
+			o.Label = label + "-retry"
+			continue
+		}
 		failWithLogs(t, vm, "%v", err)
 	}
-	t.Logf("%s: SSH after %.1f s", label, at.Seconds())
 }
 
 // directCmdline is the UKI's command line for a direct boot, with the serial port as the only
 // console so that berth-init's messages (written to /dev/console, the last console=) land
 // in the serial log, plus extra arguments.
 func (g *guest) directCmdline(extra ...string) string {
-	return withArgs(g.uki.Cmdline, append([]string{"console=ttyS0,115200"}, extra...)...)
+	return withArgs(g.uki.Cmdline, append([]string{"console=ttyS0,115200", "panic=-1"}, extra...)...)
 }
 
 // withArgs sets kernel arguments on a command line, replacing any with the same key.
@@ -163,10 +181,11 @@ func installGuest(t *testing.T, name string, r harness.Recipe) *guest {
 		os.Remove(disk)
 		start := time.Now()
 		// console=ttyS0 last makes the serial port /dev/console, so berth-init's and
-		// systemd's messages of UEFI boots land in the serial log too.
+		// systemd's messages of UEFI boots land in the serial log too; panic=-1 (with qemu's
+		// -no-reboot) ends the VM at once on a guest kernel panic.
 		args := []string{"-k", "10", fmt.Sprint(int(installTimeout.Seconds())), berth, "install", "to-disk", disk,
 			"--image", g.img.Ref(), "--wipe", "--size", "6G", "--root-ssh-authorized-keys", lane.key.Public,
-			"--karg", "console=ttyS0,115200"}
+			"--karg", "console=ttyS0,115200", "--karg", "panic=-1"}
 		cmd := exec.Command("timeout", args...)
 		out, err := cmd.CombinedOutput()
 		os.WriteFile(filepath.Join(g.dir, "install.log"), out, 0o644)
@@ -207,16 +226,9 @@ var hexDigest = regexp.MustCompile(`^[0-9a-f]{64}([0-9a-f]{64})?$`)
 // booted system must show. The VM stays up for scenario 2.
 func (g *guest) scenarioBoot(t *testing.T) bool {
 	return step(t, g.name+"/1-boot", func(t *testing.T) {
-		vm, err := g.m.Boot(context.Background(), harness.BootOptions{Label: "1-uefi", Timeout: bootTimeout})
-		if err != nil {
-			t.Fatal(err)
-		}
+		vm := g.bootRetry(t, harness.BootOptions{Label: "1-uefi", Timeout: bootTimeout})
 		g.vm = vm
-		at, err := vm.WaitSSH(context.Background(), sshTimeout)
-		if err != nil {
-			failWithLogs(t, vm, "%v", err)
-		}
-		lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", at, "qemu start → first SSH login (TCG)")
+		lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", vm.SSHUpAt, "qemu start → first SSH login (TCG)")
 		if _, err := vm.WaitSerial(regexp.MustCompile(`login:`), 30*time.Second); err == nil {
 			for _, l := range vm.Lines() {
 				if strings.Contains(l.Text, "login:") {

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -19,7 +18,6 @@ import (
 // and compares kernel start → switch-root and the size with berth's initramfs.
 func (g *guest) sideBySide(t *testing.T) {
 	step(t, g.name+"/initramfs-side-by-side", func(t *testing.T) {
-		ctx := context.Background()
 		if _, err := os.Stat(filepath.Join(lane.src, "dracut/90berth/module-setup.sh")); err != nil {
 			t.Skip("dracut/90berth/module-setup.sh is not there yet: the dracut side of the comparison cannot be built")
 		}
@@ -35,15 +33,8 @@ func (g *guest) sideBySide(t *testing.T) {
 			t.Fatal(err)
 		}
 		g.stop(t)
-		vm, err := g.m.Boot(ctx, harness.BootOptions{Label: "dracut", Timeout: bootTimeout,
+		g.vm = g.bootRetry(t, harness.BootOptions{Label: "dracut", Timeout: bootTimeout,
 			Direct: &harness.DirectBoot{Kernel: g.uki.Kernel, Initrd: initrd, Append: g.directCmdline()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		g.vm = vm
-		if _, err := vm.WaitSSH(ctx, sshTimeout); err != nil {
-			failWithLogs(t, vm, "%v", err)
-		}
 		// The dracut path must have set up the same verified root.
 		var bj bootJSON
 		if err := json.Unmarshal([]byte(g.must(t, "cat /run/berth/boot.json")), &bj); err != nil || bj.Composefs != g.boot.Composefs || bj.Verity != "required" {

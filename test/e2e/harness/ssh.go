@@ -3,6 +3,7 @@ package harness
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -37,6 +38,11 @@ func (v *VM) SSHArgs() []string {
 		"-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
 		"-o", "LogLevel=ERROR", "root@127.0.0.1"}
 }
+
+// ErrKernelPanic is returned by WaitSSH when the guest kernel panicked. Under multi-threaded
+// TCG a cross-modified-code race (an "Oops: int3" during early boot) was seen once; callers
+// may retry such a boot.
+var ErrKernelPanic = errors.New("guest kernel panicked")
 
 // SSHResult is the outcome of one remote command.
 type SSHResult struct {
@@ -80,8 +86,12 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 		if v.Exited() {
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
+		if v.Panicked() {
+			return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
+		}
 		if _, err := v.Run(ctx, 30*time.Second, "true"); err == nil {
 			at := time.Since(v.Started)
+			v.SSHUpAt = at
 			v.m.logf("%s: ssh up after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
 			return at, nil
 		} else {

@@ -120,6 +120,7 @@ type VM struct {
 	Serial  string // serial log path
 	QemuLog string
 	TPMLog  string
+	SSHUpAt time.Duration // qemu start → first successful SSH login (set by WaitSSH)
 
 	cmd    *exec.Cmd
 	swtpm  *exec.Cmd
@@ -180,7 +181,7 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 		v.swtpm = exec.Command("timeout", "-k", "5", secs(o.Timeout+time.Minute), "swtpm", "socket", "--tpm2",
 			"--tpmstate", "dir="+m.tpmDir, "--ctrl", "type=unixio,path="+sock,
 			"--log", "file="+v.TPMLog+",level=1", "--terminate")
-		v.swtpm.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		v.swtpm.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 		if err := v.swtpm.Start(); err != nil {
 			return nil, fmt.Errorf("start swtpm: %w", err)
 		}
@@ -209,7 +210,9 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 	}
 	fmt.Fprintf(qlog, "# qemu-system-x86_64 %s\n", strings.Join(args, " "))
 	v.cmd = exec.Command("timeout", append([]string{"-k", "5", secs(o.Timeout), "qemu-system-x86_64"}, args...)...)
-	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Own process group (Kill takes qemu and timeout together); SIGTERM when the test process
+	// dies, which timeout forwards to qemu, so a killed run leaves no VM behind.
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	v.cmd.Stdin = nil
 	v.cmd.Stderr = qlog
 	stdout, err := v.cmd.StdoutPipe()
@@ -347,6 +350,19 @@ func (v *VM) WaitSerial(re *regexp.Regexp, timeout time.Duration) (SerialLine, e
 			return SerialLine{}, fmt.Errorf("%s: console did not show %q within %s", v.Label, re, timeout)
 		}
 	}
+}
+
+// kernelPanic matches the console line of a guest kernel panic.
+var kernelPanic = regexp.MustCompile(`Kernel panic - not syncing`)
+
+// Panicked reports whether the guest kernel panicked (seen on the serial console).
+func (v *VM) Panicked() bool {
+	for _, l := range v.Lines() {
+		if kernelPanic.MatchString(l.Text) {
+			return true
+		}
+	}
+	return false
 }
 
 // Poweroff asks the guest to power off over SSH and waits for qemu to exit; after the
