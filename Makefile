@@ -12,7 +12,7 @@ DESTDIR   ?=
 STATICCHECK_VERSION := v0.8.2
 
 BINARIES := berth berthd berth-init
-.PHONY: all build test guest unit roundtrip-usr lint fuzz e2e check bench install deps demo vm clean
+.PHONY: all build test guest unit roundtrip-usr lint fuzz e2e check bench install deps demo vm man clean
 
 all: build
 
@@ -67,6 +67,8 @@ install: build
 	install -d $(DESTDIR)$(PREFIX)/lib/berth $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(BIN)/berth $(BIN)/berthd $(BIN)/berth-init $(DESTDIR)$(PREFIX)/lib/berth/
 	ln -sf ../lib/berth/berth $(DESTDIR)$(PREFIX)/bin/berth
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 0644 docs/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 	@if [ -f $(BIN)/berth-generator ]; then \
 	  install -d $(DESTDIR)$(PREFIX)/lib/systemd/system-generators; \
 	  install -m 0755 $(BIN)/berth-generator $(DESTDIR)$(PREFIX)/lib/systemd/system-generators/; fi
@@ -87,6 +89,10 @@ demo: deps build
 
 vm:
 	test/e2e/run.sh vm
+
+## man: regenerate docs/man from the command definitions (a test checks they are current).
+man: build
+	rm -rf docs/man && $(BIN)/berth docs man docs/man
 
 clean:
 	rm -rf $(BIN)
