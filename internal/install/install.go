@@ -555,7 +555,10 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 	if dep.LocalMode != cmdline.LocalPersistent {
 		args = append(args, "berth.local="+string(dep.LocalMode))
 	}
-	args = append(args, "console=ttyS0,115200", "console=tty0")
+	// No console= by default: the kernel's default (tty0) suits a physical
+	// machine, and the last console= becomes /dev/console, where berth-init
+	// prints why it refuses to boot — a serial-only machine or a VM adds
+	// --karg console=ttyS0,115200 so those messages reach it.
 	args = append(args, opts.KernelArgs...)
 	res.Cmdline = strings.Join(args, " ")
 	res.Root = rootSpec
