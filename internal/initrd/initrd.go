@@ -48,6 +48,71 @@ const (
 // (read by berth-init; keep in sync with setuproot.ModulesLoadList).
 const ModulesLoadList = "etc/berth/modules.load"
 
+// FilesystemModulesDir holds one load list per root filesystem type
+// (etc/berth/modules.fs/ext4, …: the modules that filesystem needs beyond
+// ModulesLoadList). berth-init loads only the list of the filesystem it
+// finds on the root device: loading every filesystem up front costs seconds
+// (btrfs pulls in raid6/xor, which benchmark themselves at load time).
+const FilesystemModulesDir = "etc/berth/modules.fs"
+
+// rootFilesystems maps root filesystem modules to the filesystem types
+// (as blkdev reports them) they mount.
+var rootFilesystems = map[string][]string{
+	"ext4":  {"ext4", "ext3", "ext2"},
+	"btrfs": {"btrfs"},
+	"xfs":   {"xfs"},
+	"vfat":  {"vfat"},
+}
+
+// splitFilesystemModules splits the load order into the modules every boot
+// needs and, per filesystem type, the extra modules of that root filesystem.
+func splitFilesystemModules(ix *kmod.Index, wanted, order []string) (core []string, perFS map[string][]string) {
+	var coreNames, fsNames []string
+	for _, w := range wanted {
+		if _, ok := rootFilesystems[w]; ok {
+			fsNames = append(fsNames, w)
+		} else {
+			coreNames = append(coreNames, w)
+		}
+	}
+	coreSet := map[string]bool{}
+	for _, m := range ix.Resolve(coreNames).Order {
+		coreSet[m] = true
+	}
+	perFS = map[string][]string{}
+	extra := map[string]bool{}
+	for _, name := range fsNames {
+		var list []string
+		for _, m := range ix.Resolve([]string{name}).Order {
+			if !coreSet[m] {
+				list = append(list, m)
+				extra[m] = true
+			}
+		}
+		if len(list) == 0 {
+			continue // built in, or missing (reported)
+		}
+		for _, t := range rootFilesystems[name] {
+			perFS[t] = list
+		}
+	}
+	for _, m := range order {
+		if !extra[m] {
+			core = append(core, m)
+		}
+	}
+	return core, perFS
+}
+
+func sortedKeys(m map[string][]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
 // maxModule bounds one module file read from a (possibly hostile) image.
 const maxModule = 64 << 20
 
@@ -162,7 +227,14 @@ func Build(w io.Writer, opts Options) (*Report, error) {
 			a.add(cpio.StaticRecord(b, cpio.Info{Name: dst + "/" + f, Mode: cpio.S_IFREG | 0o644}))
 		}
 	}
-	a.add(cpio.StaticRecord([]byte(strings.Join(cl.Order, "\n")+"\n"), cpio.Info{Name: ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
+	core, perFS := splitFilesystemModules(ix, wanted, cl.Order)
+	a.add(cpio.StaticRecord([]byte(strings.Join(core, "\n")+"\n"), cpio.Info{Name: ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
+	if len(perFS) > 0 {
+		a.dir(FilesystemModulesDir, 0o755)
+		for _, fsName := range sortedKeys(perFS) {
+			a.add(cpio.StaticRecord([]byte(strings.Join(perFS[fsName], "\n")+"\n"), cpio.Info{Name: FilesystemModulesDir + "/" + fsName, Mode: cpio.S_IFREG | 0o644}))
+		}
+	}
 
 	cw := &countWriter{w: w}
 	var out io.Writer = cw

@@ -220,10 +220,35 @@ func TestBuildTrixie(t *testing.T) {
 		}
 	}
 	sort.Strings(mods)
-	load := strings.Fields(content(t, m["etc/berth/modules.load"]))
+	// Everything in the archive is loaded: the core list at start, one
+	// filesystem's list once the root device's type is known.
+	loadSet := map[string]bool{}
+	for _, l := range strings.Fields(content(t, m["etc/berth/modules.load"])) {
+		loadSet[l] = true
+	}
+	for name, rec := range m {
+		if strings.HasPrefix(name, "etc/berth/modules.fs/") {
+			for _, l := range strings.Fields(content(t, rec)) {
+				loadSet[l] = true
+			}
+		}
+	}
+	var load []string
+	for l := range loadSet {
+		load = append(load, l)
+	}
 	sort.Strings(load)
 	if strings.Join(mods, " ") != strings.Join(load, " ") {
-		t.Errorf("modules.load and modules.dep differ")
+		t.Errorf("modules.load + modules.fs/* and modules.dep differ")
+	}
+	// btrfs (and its raid6/xor benchmarks) is not loaded for an ext4 root.
+	for _, l := range strings.Fields(content(t, m["etc/berth/modules.load"])) {
+		if strings.Contains(l, "/btrfs/") || strings.Contains(l, "raid6") || strings.Contains(l, "/xfs/") {
+			t.Errorf("modules.load loads %s before the root filesystem is known", l)
+		}
+	}
+	if ext4 := content(t, m["etc/berth/modules.fs/ext4"]); !strings.Contains(ext4, "ext4.ko") {
+		t.Errorf("modules.fs/ext4 = %q, want the ext4 module", ext4)
 	}
 	for _, want := range []string{"erofs", "overlay", "loop", "ext4", "btrfs", "xfs", "vfat", "virtio_blk", "virtio_scsi", "nvme", "ahci", "sd_mod", "dm_mod", "efivarfs"} {
 		found := false

@@ -149,8 +149,9 @@ func TestQEMUSmoke(t *testing.T) {
 	good := "berth.composefs=" + digest + " berth.deploy=" + id
 	log := boot(1, good)
 	for _, want := range []string{
-		`berth: modules for ` + regexp.QuoteMeta(kver) + ` loaded in [^:]+: \d+ by the kernel from compressed files, 0 uncompressed, 0 decompressed by berth-init, \d+ already loaded, \d+ not for this hardware, 0 failed`,
+		`berth: storage and composefs modules for ` + regexp.QuoteMeta(kver) + ` loaded in [^:]+: \d+ by the kernel from compressed files, 0 uncompressed, 0 decompressed by berth-init, \d+ already loaded, \d+ not for this hardware, 0 failed`,
 		`berth: root device /dev/vda TYPE="ext4"`,
+		`berth: root filesystem ext4 modules for ` + regexp.QuoteMeta(kver) + ` loaded in `,
 		`berth: sealed \d+ files`,
 		`GUEST: root fstype=0x794c7630 overlay=true`,
 		`GUEST: hello content ok=true`,

@@ -22,6 +22,10 @@ import (
 // dependency order, as paths relative to /usr/lib/modules/<kver>.
 const ModulesLoadList = "etc/berth/modules.load"
 
+// FilesystemModulesDir holds a load list per root filesystem type, loaded
+// once the root device is found (keep in sync with initrd.FilesystemModulesDir).
+const FilesystemModulesDir = "etc/berth/modules.fs"
+
 // InitConfig configures the PID 1 flow of berth's initramfs.
 type InitConfig struct {
 	Console     io.Writer     // default os.Stdout (the kernel's /dev/console)
@@ -71,6 +75,11 @@ func Init(cfg InitConfig) {
 			return &Error{Reason: "the root device did not appear", Fix: "check root= against the devices listed; a missing storage driver means the initramfs lacks its module (berth initramfs build)", Err: err}
 		}
 		fmt.Fprintf(con, "berth: root device %s\n", dev)
+		fstype := args.RootFSType
+		if fstype == "" {
+			fstype = dev.FSType
+		}
+		loadModuleList(con, filepath.Join("/", FilesystemModulesDir, filepath.Base(fstype)), "root filesystem "+fstype, true)
 		if err := MountRoot(dev, args, cfg.Sysroot); err != nil {
 			return &Error{Reason: "cannot mount the root filesystem " + dev.Dev, Fix: "check rootfstype= and rootflags=, or run fsck on it from a rescue system", Err: err}
 		}
@@ -123,13 +132,21 @@ func reopenConsole() io.Writer {
 // loadModules loads the initramfs's module list; failures are reported,
 // not fatal (a driver for absent hardware may refuse to load).
 func loadModules(con io.Writer) {
+	loadModuleList(con, "/"+ModulesLoadList, "storage and composefs", false)
+}
+
+// loadModuleList loads the modules listed in file. optional: a missing list
+// is normal (an older initramfs, or a filesystem built into the kernel).
+func loadModuleList(con io.Writer, file, what string, optional bool) {
 	var uts unix.Utsname
 	unix.Uname(&uts)
 	kver := unix.ByteSliceToString(uts.Release[:])
 	dir := filepath.Join("/usr/lib/modules", kver)
-	f, err := os.Open("/" + ModulesLoadList)
+	f, err := os.Open(file)
 	if err != nil {
-		fmt.Fprintf(con, "berth: no module list (%v); relying on built-in drivers\n", err)
+		if !optional {
+			fmt.Fprintf(con, "berth: no module list (%v); relying on built-in drivers\n", err)
+		}
 		return
 	}
 	defer f.Close()
@@ -159,8 +176,8 @@ func loadModules(con io.Writer) {
 		}
 		counts[r.How]++
 	}
-	fmt.Fprintf(con, "berth: modules for %s loaded in %s: %d by the kernel from compressed files, %d uncompressed, %d decompressed by berth-init, %d already loaded, %d not for this hardware, %d failed\n",
-		kver, time.Since(start).Round(time.Millisecond), counts["finit-compressed"], counts["finit"], counts["init-decompressed"], counts["already-loaded"], counts["no-device"], counts["failed"])
+	fmt.Fprintf(con, "berth: %s modules for %s loaded in %s: %d by the kernel from compressed files, %d uncompressed, %d decompressed by berth-init, %d already loaded, %d not for this hardware, %d failed\n",
+		what, kver, time.Since(start).Round(time.Millisecond), counts["finit-compressed"], counts["finit"], counts["init-decompressed"], counts["already-loaded"], counts["no-device"], counts["failed"])
 }
 
 // MountRoot mounts the physical root at target. A berth root is mounted
