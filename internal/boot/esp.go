@@ -35,7 +35,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -93,31 +92,13 @@ type BLSEntry struct {
 
 func (e ESP) path(rel string) string { return filepath.Join(e.Dir, filepath.FromSlash(rel)) }
 
-// efiArchName returns the suffix of systemd-boot's binary (x64, aa64, ...)
-// and of the removable-media fallback path (X64, AA64, ...).
-func efiArchName() string {
-	switch runtime.GOARCH {
-	case "amd64":
-		return "x64"
-	case "386":
-		return "ia32"
-	case "arm64":
-		return "aa64"
-	case "riscv64":
-		return "riscv64"
-	case "loong64":
-		return "loongarch64"
-	}
-	return runtime.GOARCH
-}
-
 // InstallSystemdBoot copies systemd-boot from root (an image tree, or
 // os.DirFS("/") for the host) to EFI/systemd/ and to the removable-media
 // path EFI/BOOT/ (unless another boot loader is there), creates the entry
 // directories, and writes loader.conf if there is none. A Secure
 // Boot–signed build (*.efi.signed) is preferred.
 func (e ESP) InstallSystemdBoot(root fs.FS) error {
-	arch := efiArchName()
+	arch := uki.EFIArch()
 	var src []byte
 	var from string
 	for _, dir := range uki.StubDirs {

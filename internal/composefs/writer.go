@@ -770,26 +770,6 @@ func (c *wrCountingWriter) padTo(off uint64) {
 	}
 }
 
-func wrFileType(n *wrWnode) byte {
-	switch n.typ() {
-	case SIFREG:
-		return 1
-	case SIFDIR:
-		return 2
-	case SIFCHR:
-		return 3
-	case SIFBLK:
-		return 4
-	case SIFIFO:
-		return 5
-	case SIFSOCK:
-		return 6
-	case SIFLNK:
-		return 7
-	}
-	return 0
-}
-
 // wrAppendDirents appends one directory chunk: the dirent records, then the
 // names.
 func wrAppendDirents(b []byte, ents []wrDirent) []byte {
@@ -798,7 +778,7 @@ func wrAppendDirents(b []byte, ents []wrDirent) []byte {
 		var d [wrDirentSize]byte
 		binary.LittleEndian.PutUint64(d[0:], e.node.nid)
 		binary.LittleEndian.PutUint16(d[8:], uint16(nameoff))
-		d[10] = wrFileType(e.node)
+		d[10] = erofsFileType(e.node.mode)
 		b = append(b, d[:]...)
 		nameoff += len(e.name)
 	}

@@ -12,9 +12,9 @@ import (
 	"runtime"
 )
 
-// efiArch maps GOARCH to the EFI architecture suffix systemd uses in file
+// EFIArch maps GOARCH to the EFI architecture suffix systemd uses in file
 // names (linuxx64.efi.stub, systemd-bootaa64.efi, ...).
-func efiArch() string {
+func EFIArch() string {
 	switch runtime.GOARCH {
 	case "amd64":
 		return "x64"
@@ -45,7 +45,7 @@ const maxStubSize = 16 << 20
 // image is accepted.
 func FindStub(root fs.FS) ([]byte, string, error) {
 	for _, dir := range StubDirs {
-		name := dir + "/linux" + efiArch() + ".efi.stub"
+		name := dir + "/linux" + EFIArch() + ".efi.stub"
 		b, err := readRegular(root, name, maxStubSize)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
