@@ -97,7 +97,7 @@ func (g *guest) bootDirect(t *testing.T, label string, extra ...string) {
 }
 
 // bootRetry boots and waits for SSH. A guest kernel panic (a TCG flake, see
-// harness.ErrKernelPanic) gets one more boot, recorded in the summary as FLAKE.
+// harness.ErrKernelPanic) gets up to two more boots, each recorded in the summary as FLAKE.
 func (g *guest) bootRetry(t *testing.T, o harness.BootOptions) *harness.VM {
 	t.Helper()
 	label := o.Label
@@ -111,11 +111,11 @@ func (g *guest) bootRetry(t *testing.T, o harness.BootOptions) *harness.VM {
 			t.Logf("%s: SSH after %.1f s", o.Label, at.Seconds())
 			return vm
 		}
-		if errors.Is(err, harness.ErrKernelPanic) && attempt == 1 {
+		if errors.Is(err, harness.ErrKernelPanic) && attempt <= 2 {
 			t.Logf("%v: booting once more", err)
 			lane.summary.Add(g.name+"/"+label+"/retry", "FLAKE", at, "guest kernel panic, see "+vm.Serial)
 			vm.Kill()
-			o.Label = label + "-retry"
+			o.Label = fmt.Sprintf("%s-retry%d", label, attempt)
 			continue
 		}
 		failWithLogs(t, vm, "%v", err)

@@ -83,11 +83,15 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 	deadline := time.Now().Add(timeout)
 	var last error
 	for attempt := 1; time.Now().Before(deadline); attempt++ {
-		if v.Exited() {
-			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
-		}
+		// Panic first: with panic=-1 qemu exits right after a guest panic.
 		if v.Panicked() {
 			return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
+		}
+		if v.Exited() {
+			if v.Panicked() {
+				return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
+			}
+			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
 		if _, err := v.Run(ctx, 30*time.Second, "true"); err == nil {
 			at := time.Since(v.Started)
