@@ -25,7 +25,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if [ ! -e "$ROOTFS/.recipe" ]; then
 	if command -v mmdebstrap >/dev/null; then
-		test/guest/build-rootfs.sh
+		test/guest/build-rootfs.sh "$ROOTFS"
 	else
 		echo "bench-oci: skipped: no trixie root filesystem at $ROOTFS and no mmdebstrap to build one"; exit 0
 	fi
