@@ -569,13 +569,18 @@ func readLayerBlob(blob io.Reader, info types.BlobInfo, diffID digest.Digest, ba
 	}
 	var sinks io.Writer = io.MultiWriter(blobHash, counter, task)
 	br := bufio.NewReaderSize(io.TeeReader(limited, sinks), 1<<20)
-	dec, _, err := compression.AutoDecompress(br)
+	dec, compressed, err := compression.AutoDecompress(br)
 	if err != nil {
 		return nil, ls, err
 	}
 	defer dec.Close()
+	// An uncompressed blob is its own tar stream: the blob hash is the
+	// diff_id hash when the algorithms agree, so hash it once.
 	diffHash := diffID.Algorithm().Hash()
-	tarStream := io.TeeReader(dec, diffHash)
+	var tarStream io.Reader = io.TeeReader(dec, diffHash)
+	if !compressed && diffID.Algorithm() == info.Digest.Algorithm() {
+		diffHash, tarStream = blobHash, dec
+	}
 	sink := &countingSink{b: batch}
 	var content int64
 	entries, err := readLayer(tarStream, sink, readLimits{maxFileSize: opts.MaxFileSize}, func(n int64) { content += n })
