@@ -12,6 +12,8 @@ pkgs=(
   binutils sbsigntool osslsigncode systemd-boot-efi
   # D-Bus, TPM
   dbus swtpm swtpm-tools tpm2-tools
+  # containers-storage test (fills a vfs store)
+  skopeo
   # VM lane
   qemu-system-x86 qemu-utils ovmf mmdebstrap debian-archive-keyring openssh-client
 )
