@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"golang.org/x/sys/unix"
 )
@@ -49,7 +50,7 @@ func OpenStore(dir string, alg fsverity.Algorithm) (*Store, error) {
 	if alg != fsverity.SHA256 && alg != fsverity.SHA512 {
 		return nil, fmt.Errorf("open object store %s: unsupported digest algorithm %d", dir, alg)
 	}
-	if err := mkdirAllSync(dir); err != nil {
+	if err := fsutil.MkdirAllSync(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("open object store: %w", err)
 	}
 	fi, err := os.Stat(dir)
@@ -60,39 +61,6 @@ func OpenStore(dir string, alg fsverity.Algorithm) (*Store, error) {
 		return nil, fmt.Errorf("open object store %s: not a directory", dir)
 	}
 	return &Store{dir: dir, alg: alg}, nil
-}
-
-// mkdirAllSync creates dir with mode 0755 and fsyncs the parents whose
-// entries changed.
-func mkdirAllSync(dir string) error {
-	if fi, err := os.Stat(dir); err == nil {
-		if !fi.IsDir() {
-			return fmt.Errorf("mkdir %s: exists and is not a directory", dir)
-		}
-		return nil
-	}
-	parent := filepath.Dir(dir)
-	if parent != dir {
-		if err := mkdirAllSync(parent); err != nil {
-			return err
-		}
-	}
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("mkdir %s: %w", dir, err)
-	}
-	return syncDir(parent)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open dir %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync dir %s: %w", dir, err)
-	}
-	return nil
 }
 
 // Dir returns the store directory.

@@ -476,23 +476,11 @@ func ReadSectionsFile(path string) (map[string][]byte, error) {
 // reading the rest, e.g. the .osrel of a UKI. It fails if the section is
 // missing or larger than limit.
 func ReadSectionFile(path, name string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
+	f, p, err := openPEHeaders(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	head := make([]byte, min(fi.Size(), 64<<10))
-	if _, err := f.ReadAt(head, 0); err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	p, err := parsePEHeaders(head, fi.Size())
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
 	i := p.find(name)
 	if i < 0 {
 		return nil, fmt.Errorf("%s: no %s section", path, name)
@@ -553,26 +541,39 @@ func (p *peImage) checkNoRelocsFrom(rva uint32) error {
 	return nil
 }
 
-// SectionNamesFile lists the section names of a PE file, reading only its
-// headers.
-func SectionNamesFile(path string) ([]string, error) {
+// openPEHeaders opens a PE file and parses its headers (the first 64 KiB),
+// leaving the rest unread.
+func openPEHeaders(path string) (*os.File, *peImage, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, err
+		f.Close()
+		return nil, nil, err
 	}
 	head := make([]byte, min(fi.Size(), 64<<10))
 	if _, err := f.ReadAt(head, 0); err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		f.Close()
+		return nil, nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	p, err := parsePEHeaders(head, fi.Size())
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
+	return f, p, nil
+}
+
+// SectionNamesFile lists the section names of a PE file, reading only its
+// headers.
+func SectionNamesFile(path string) ([]string, error) {
+	f, p, err := openPEHeaders(path)
+	if err != nil {
+		return nil, err
+	}
+	f.Close()
 	var names []string
 	for _, s := range p.sections {
 		names = append(names, s.Name)
