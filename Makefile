@@ -69,6 +69,11 @@ install: build
 	ln -sf ../lib/berth/berth $(DESTDIR)$(PREFIX)/bin/berth
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 0644 docs/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	$(BIN)/berth completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/berth
+	$(BIN)/berth completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_berth
+	$(BIN)/berth completion fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/berth.fish
+	chmod 0644 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/berth $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_berth $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/berth.fish
 	@if [ -f $(BIN)/berth-generator ]; then \
 	  install -d $(DESTDIR)$(PREFIX)/lib/systemd/system-generators; \
 	  install -m 0755 $(BIN)/berth-generator $(DESTDIR)$(PREFIX)/lib/systemd/system-generators/; fi

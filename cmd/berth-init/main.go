@@ -9,12 +9,15 @@ import (
 	"os"
 
 	"github.com/berth-dev/berth/internal/cmdline"
+	"github.com/berth-dev/berth/internal/etcmerge"
+	"github.com/berth-dev/berth/internal/localchanges"
 	"github.com/berth-dev/berth/internal/setuproot"
+	"github.com/berth-dev/berth/internal/store"
 )
 
 func main() {
 	if os.Getpid() == 1 {
-		setuproot.Init(setuproot.InitConfig{})
+		setuproot.Init(setuproot.InitConfig{Prepare: prepare})
 		return // not reached
 	}
 	if len(os.Args) < 2 || os.Args[1] != "setup-root" {
@@ -38,10 +41,25 @@ func main() {
 		fmt.Fprintln(os.Stderr, "berth-init setup-root: no berth.composefs= on the kernel command line; nothing to do")
 		return
 	}
-	rec, err := setuproot.Setup(setuproot.Options{Sysroot: fs.Arg(0), Args: args, RunDir: *runDir})
+	rec, err := setuproot.Setup(setuproot.Options{Sysroot: fs.Arg(0), Args: args, RunDir: *runDir, Prepare: prepare})
 	if err != nil {
 		fmt.Fprint(os.Stderr, setuproot.FormatError(err))
 		os.Exit(1)
 	}
 	fmt.Fprintf(os.Stderr, "berth: deployment %s (%s, verity %s) mounted at %s\n", rec.Deploy, rec.Local, rec.Verity, fs.Arg(0))
+}
+
+// prepare is setup-root's hook before the overlay is mounted: the
+// first-boot /etc merge and carry-over of an upgraded deployment, then a
+// reset `berth reset` recorded for it. A reset that fails is retried at
+// the next boot (its record stays); it does not stop this one.
+func prepare(physRoot, id string, local cmdline.LocalMode) error {
+	l := store.At(physRoot)
+	if err := etcmerge.Prepare(l, id, local); err != nil {
+		return err
+	}
+	if err := localchanges.ApplyPendingReset(l, id); err != nil {
+		fmt.Fprintf(os.Stderr, "berth: WARNING: %v\n", err)
+	}
+	return nil
 }

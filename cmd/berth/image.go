@@ -45,7 +45,19 @@ func newImagePullCmd() *cobra.Command {
 REF names the image with its transport: docker://registry/name:tag (the
 default when no transport is given), oci:DIR[:TAG], oci-archive:FILE[:TAG],
 docker-archive:FILE[:NAME:TAG] or containers-storage:NAME. registries.conf,
-auth.json and containers-policy.json are honoured as podman and skopeo do.`,
+auth.json and containers-policy.json are honoured as podman and skopeo do.
+
+A short name without transport and registry (debian:trixie) is resolved as
+podman resolves it in a script: a short-name alias in registries.conf wins,
+else each unqualified-search-registries entry is tried in order. berth never
+prompts: with short-name-mode "enforcing" and more than one search registry
+the pull fails and asks for the full name. The image is recorded under the
+name it resolved to. $CONTAINERS_REGISTRIES_CONF names another registries.conf.
+
+Signatures are verified as containers-policy.json requires: "signedBy"
+(GPG simple signing, read from the lookaside of containers-registries.d)
+and "sigstoreSigned" (with use-sigstore-attachments: true in
+containers-registries.d for the registry).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			rep := progress.New(os.Stderr, progress.Options{Quiet: global.Quiet, JSON: global.JSON})

@@ -22,6 +22,7 @@ func init() { addCommand(newInstallCmd) }
 // installFlags are shared by to-disk and to-filesystem.
 type installFlags struct {
 	image       string
+	targetRef   string
 	sshKeys     string
 	kargs       []string
 	local       string
@@ -34,6 +35,7 @@ type installFlags struct {
 func (f *installFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringVar(&f.image, "image", "", "the image to install, with its transport (`REF`: oci-archive:FILE, oci:DIR, docker://…)")
+	fl.StringVar(&f.targetRef, "target-imgref", "", "the image `REF` the installed system tracks for upgrades (default: --image)")
 	fl.StringVar(&f.sshKeys, "root-ssh-authorized-keys", "", "install the keys in `FILE` as root's ~/.ssh/authorized_keys")
 	fl.StringArrayVar(&f.kargs, "karg", nil, "append `ARG` to the kernel command line (repeatable)")
 	fl.StringVar(&f.local, "local", "persistent", "what happens to local changes: persistent, transient or readonly")
@@ -53,7 +55,7 @@ func (f *installFlags) options() install.Options {
 		mode = progress.Quiet // the result is printed as JSON at the end
 	}
 	return install.Options{
-		Image: f.image, SSHAuthorizedKeys: f.sshKeys, KernelArgs: f.kargs,
+		Image: f.image, TargetImageRef: f.targetRef, SSHAuthorizedKeys: f.sshKeys, KernelArgs: f.kargs,
 		LocalMode: cmdline.LocalMode(f.local), InsecureNoVerity: f.noVerity, Kernel: f.kernel,
 		PolicyPath: f.policy, InsecureSkipTLSVerify: f.tlsInsecure,
 		Progress: progress.New(os.Stderr, progress.Options{Mode: mode}),

@@ -12,11 +12,11 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/berth-dev/berth/internal/api"
-	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/health"
 )
@@ -59,6 +59,7 @@ func runHealth(ctx context.Context, args []string) error {
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	sysroot := fs.String("sysroot", "/", "record the result for the berth installation below `DIR`")
 	noUnits := fs.Bool("no-units", false, "do not fail on failed systemd units")
+	reboot := fs.Bool("reboot-on-failed-trial", false, "reboot when unhealthy and the booted boot entry is still being tried (boot counting) and another entry can boot")
 	fs.Var(&dirs, "dir", "check directory (repeatable; default /usr/lib/berth/health.d and /etc/berth/health.d)")
 	fs.Parse(args)
 	opts := health.Options{Timeout: *timeout, SkipUnits: *noUnits, IgnoreUnits: []string{"berth-healthcheck.service"}}
@@ -78,25 +79,34 @@ func runHealth(ctx context.Context, args []string) error {
 				state = "FAILED: " + c.Error
 			}
 			fmt.Printf("%s: %s (%s)\n", c.Name, state, c.Duration.Round(time.Millisecond))
+			if !c.OK {
+				// What the check said is why: show it (it also is in health.json).
+				for _, line := range strings.Split(strings.TrimSpace(c.Output), "\n") {
+					if line != "" {
+						fmt.Printf("  %s: %s\n", c.Name, line)
+					}
+				}
+			}
 		}
 		if len(rep.FailedUnits) > 0 {
 			fmt.Printf("failed units: %v\n", rep.FailedUnits)
 		}
 	}
-	var bad []string
-	if esp := api.FindESP(*sysroot); esp != "" {
-		if entries, err := (boot.ESP{Dir: esp}).Entries(); err == nil {
-			for _, e := range entries {
-				if e.Name.Bad() {
-					bad = append(bad, e.ID)
-				}
-			}
-		}
+	booted := deploy.BootedID(*sysroot)
+	out, cerr := health.Conclude(*sysroot, api.FindESP(*sysroot), booted, rep)
+	if cerr != nil {
+		fmt.Fprintln(os.Stderr, "berthd health: record result:", cerr)
 	}
-	if err := health.Record(*sysroot, deploy.BootedID(*sysroot), rep, bad); err != nil {
-		fmt.Fprintln(os.Stderr, "berthd health: record result:", err)
+	if out.Blessed {
+		fmt.Printf("boot entry %s of deployment %s marked good\n", out.Entry, booted)
 	}
 	if !rep.OK {
+		if out.Reboot && *reboot {
+			fmt.Printf("deployment %s is on trial and unhealthy: rebooting so the boot loader counts the try (and falls back when none are left)\n", booted)
+			if err := health.Reboot(ctx); err != nil {
+				fmt.Fprintln(os.Stderr, "berthd health:", err)
+			}
+		}
 		return fmt.Errorf("unhealthy: %s", rep.Summary())
 	}
 	return nil

@@ -21,6 +21,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/fsck"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/store"
 )
@@ -406,6 +407,7 @@ var mutatingCalls = []struct {
 	{"Cleanup", []any{map[string]dbus.Variant{}}},
 	{"Pin", []any{"1-0123456789ab", true}},
 	{"Diff", []any{"1-0123456789ab"}},
+	{"Reset", []any{[]string{"/etc/hostname"}, map[string]dbus.Variant{}}},
 }
 
 // runUnprivilegedClient runs as uid 65534: it calls every mutating method
@@ -491,7 +493,7 @@ func TestUnprivilegedCallerDenied(t *testing.T) {
 	if got["uid"] != "65534" {
 		t.Fatalf("client ran as uid %s", got["uid"])
 	}
-	for _, name := range []string{"Upgrade", "Switch", "Rollback", "Cleanup", "Pin", "Diff", "Cancel"} {
+	for _, name := range []string{"Upgrade", "Switch", "Rollback", "Cleanup", "Pin", "Diff", "Reset", "Cancel"} {
 		if got[name] != ErrAccessDenied {
 			t.Errorf("unprivileged %s: got %q, want %s", name, got[name], ErrAccessDenied)
 		}
@@ -608,6 +610,9 @@ func TestKilledDaemonRecovers(t *testing.T) {
 		t.Fatalf("after recovery: %v deployments, %v; want only %s", deps, err, old.ID)
 	}
 	assertNoLeftovers(t, l)
+	if rep, err := fsck.Check(fsck.Options{Sysroot: sysroot}); err != nil || !rep.OK() {
+		t.Fatalf("fsck after recovery: %+v, %v", rep, err)
+	}
 	last, err := ReadLastJob(sysroot)
 	if err != nil || last.State != StateInterrupted || last.Kind != KindUpgrade || len(last.Recovered) != 2 {
 		t.Fatalf("last job after recovery: %+v, %v", last, err)

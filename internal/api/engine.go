@@ -7,19 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
-	"sort"
 	"strings"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/cmdline"
-	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/etcmerge"
 	"github.com/berth-dev/berth/internal/install"
+	"github.com/berth-dev/berth/internal/localchanges"
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/progress"
 	"github.com/berth-dev/berth/internal/runtime"
@@ -190,7 +185,13 @@ func (e *SysrootEngine) stage(ctx context.Context, job JobContext, ref, origin s
 	if cur != nil && cur.LocalMode != "" {
 		mode = cur.LocalMode
 	}
-	do := install.DeployOptions{LocalMode: mode, Origin: origin, InsecureNoVerity: e.insecureNoVerity(), Runtime: e.Runtime, Root: e.Root}
+	var kargs []string
+	if cur != nil {
+		// The machine's own kernel arguments (install --karg: console=,
+		// ...) stay with it across updates.
+		kargs = cur.KernelArgs
+	}
+	do := install.DeployOptions{LocalMode: mode, KernelArgs: kargs, Origin: origin, InsecureNoVerity: e.insecureNoVerity(), Runtime: e.Runtime, Root: e.Root}
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
@@ -345,22 +346,15 @@ func (e *SysrootEngine) Pin(id string, pinned bool) error {
 }
 
 // Change is one local change of a deployment (Diff).
-type Change struct {
-	Path string `json:"path"`
-	Kind string `json:"kind"` // added, modified, deleted, replaced (opaque directory)
-	Type string `json:"type"` // file, dir, symlink, other
-}
+type Change = localchanges.Change
 
 // DiffResult is the JSON Diff returns.
-type DiffResult struct {
-	Deployment string   `json:"deployment"`
-	Changes    []Change `json:"changes"`
-}
+type DiffResult = localchanges.DiffResult
 
 // Diff implements Engine: it lists deployment id's persistent local
 // changes (its overlay upper directory) against its image.
 func (e *SysrootEngine) Diff(id string) (string, error) {
-	res, err := DiffDeployment(e.layout(), id)
+	res, err := localchanges.Diff(e.layout(), id)
 	if err != nil {
 		return "", err
 	}
@@ -369,111 +363,4 @@ func (e *SysrootEngine) Diff(id string) (string, error) {
 		return "", err
 	}
 	return string(b), nil
-}
-
-// DiffDeployment lists the entries of deploy/<id>/upper: overlayfs
-// whiteouts (0/0 character devices, or the trusted.overlay.whiteout
-// xattr) are deletions, directories with trusted.overlay.opaque replace
-// the image's, other entries are modified when the image has the path and
-// added otherwise. Directories that only exist to hold changes below them
-// are not listed.
-func DiffDeployment(l store.Layout, id string) (*DiffResult, error) {
-	d, err := deploy.Read(l, id)
-	if err != nil {
-		return nil, fmt.Errorf("diff: %w", err)
-	}
-	im, err := composefs.OpenImage(l.Image(d.ComposefsDigest))
-	if err != nil {
-		return nil, fmt.Errorf("diff %s: %w", id, err)
-	}
-	root, err := im.Root()
-	if err != nil {
-		return nil, fmt.Errorf("diff %s: %w", id, err)
-	}
-	upper := filepath.Join(l.Deployment(id), "upper")
-	res := &DiffResult{Deployment: id, Changes: []Change{}}
-	err = filepath.WalkDir(upper, func(p string, de os.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, os.ErrNotExist) && p == upper {
-				return filepath.SkipAll
-			}
-			return err
-		}
-		if p == upper {
-			return nil
-		}
-		rel, _ := filepath.Rel(upper, p)
-		rel = filepath.ToSlash(rel)
-		fi, err := de.Info()
-		if err != nil {
-			return err
-		}
-		inImage := root.Lookup(rel)
-		c := Change{Path: "/" + rel, Type: typeName(fi.Mode())}
-		switch {
-		case isWhiteout(p, fi):
-			c.Kind, c.Type = "deleted", ""
-		case fi.IsDir() && hasXattr(p, "trusted.overlay.opaque", "y"):
-			c.Kind = "replaced"
-		case fi.IsDir() && inImage != nil && inImage.IsDir():
-			if !dirMetaChanged(p, inImage) {
-				return nil // only holds changes below it
-			}
-			c.Kind = "modified"
-		case inImage != nil:
-			c.Kind = "modified"
-		default:
-			c.Kind = "added"
-		}
-		res.Changes = append(res.Changes, c)
-		if c.Kind == "added" && fi.IsDir() {
-			return filepath.SkipDir // the directory says it all
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("diff %s: %w", id, err)
-	}
-	sort.Slice(res.Changes, func(i, j int) bool { return res.Changes[i].Path < res.Changes[j].Path })
-	return res, nil
-}
-
-func dirMetaChanged(p string, n *composefs.Inode) bool {
-	var st unix.Stat_t
-	if unix.Lstat(p, &st) != nil {
-		return false
-	}
-	return st.Mode&0o7777 != n.Mode&0o7777 || st.Uid != n.UID || st.Gid != n.GID
-}
-
-func typeName(m os.FileMode) string {
-	switch {
-	case m.IsRegular():
-		return "file"
-	case m.IsDir():
-		return "dir"
-	case m&os.ModeSymlink != 0:
-		return "symlink"
-	}
-	return "other"
-}
-
-func isWhiteout(p string, fi os.FileInfo) bool {
-	var st unix.Stat_t
-	if unix.Lstat(p, &st) != nil {
-		return false
-	}
-	if st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0 {
-		return true
-	}
-	return fi.Mode().IsRegular() && fi.Size() == 0 && hasXattr(p, "trusted.overlay.whiteout", "")
-}
-
-func hasXattr(p, key, want string) bool {
-	buf := make([]byte, 64)
-	n, err := unix.Lgetxattr(p, key, buf)
-	if err != nil {
-		return false
-	}
-	return want == "" || string(buf[:n]) == want
 }

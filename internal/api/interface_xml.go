@@ -46,6 +46,11 @@ const InterfaceXML = `<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object In
       <arg name="deployment" type="s" direction="in"/>
       <arg name="changes" type="s" direction="out"/>
     </method>
+    <method name="Reset">
+      <arg name="paths" type="as" direction="in"/>
+      <arg name="options" type="a{sv}" direction="in"/>
+      <arg name="result" type="s" direction="out"/>
+    </method>
   </interface>
   <interface name="org.berth1.Job">
     <property name="Kind" type="s" access="read"/>

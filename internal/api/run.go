@@ -297,6 +297,9 @@ func (h *Host) WriteText(w io.Writer) {
 		if len(d.Conflicts) > 0 {
 			fmt.Fprintf(w, "          /etc merge conflicts (local version kept, the image's beside it as .berth-new): %s\n", strings.Join(d.Conflicts, " "))
 		}
+		if len(d.LocalAside) > 0 {
+			fmt.Fprintf(w, "          local changes kept aside (the image changed them too; in /berth/deploy/%s/local-aside): %s\n", d.ID, strings.Join(d.LocalAside, " "))
+		}
 	}
 	line("Booted", h.Status.Booted, "")
 	line("Staged", h.Status.Staged, "  (next boot)")

@@ -7,11 +7,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/etcmerge"
+	"github.com/berth-dev/berth/internal/health"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -93,6 +95,10 @@ type Deployment struct {
 	LocalMode       string         `json:"localMode"`
 	BootEntry       *BootEntryInfo `json:"bootEntry"`
 	Conflicts       []string       `json:"conflicts"`
+	// LocalAside lists local changes outside /etc not carried over at
+	// the first boot (the image changed the same path): kept in
+	// deploy/<id>/local-aside/.
+	LocalAside []string `json:"localAside,omitempty"`
 }
 
 // BootEntryInfo is what the ESP says about a deployment's entry.
@@ -198,7 +204,11 @@ func ReadStatus(opts StatusOptions) (*Host, error) {
 	}
 	for _, en := range entries {
 		if en.State == "bad" {
-			h.Status.Berth.Notes = append(h.Status.Berth.Notes, fmt.Sprintf("deployment %s failed to boot %d times and was abandoned by the boot loader", en.ID, en.TriesDone))
+			note := fmt.Sprintf("deployment %s failed to boot %d times and was abandoned by the boot loader", en.ID, en.TriesDone)
+			if r, err := health.ReadResult(l, en.ID); err == nil && !r.OK {
+				note += fmt.Sprintf(" (last health check, %s: %s)", r.Time.Local().Format(time.DateTime), r.Summary)
+			}
+			h.Status.Berth.Notes = append(h.Status.Berth.Notes, note)
 		}
 	}
 	if cur := firstNonNil(h.Status.Booted, h.Status.Staged); cur != nil && cur.Image != nil {
@@ -276,6 +286,9 @@ func fromDeploy(l store.Layout, d *deploy.Deployment) *Deployment {
 	if c, err := ReadConflicts(filepath.Join(l.Deployment(d.ID), etcmerge.ConflictsFile)); err == nil {
 		out.Conflicts = c
 	}
+	if a, err := etcmerge.AsidePaths(l, d.ID); err == nil {
+		out.LocalAside = a
+	}
 	return out
 }
 
@@ -336,7 +349,10 @@ func SplitRef(ref string) ImageReference {
 }
 
 // FindESP returns the mounted ESP (or XBOOTLDR) below sysroot that holds
-// systemd-boot's loader directory: efi, boot/efi or boot. "" if none.
+// systemd-boot's loader directory: efi, boot/efi or boot. On the running
+// system booted by berth (sysroot "/") with none of those mounted, it
+// mounts the ESP the boot loader ran from at boot.LoaderESPDir (root
+// only). "" if none.
 func FindESP(sysroot string) string {
 	for _, c := range []string{"efi", "boot/efi", "boot"} {
 		d := filepath.Join(sysroot, c)
@@ -344,5 +360,22 @@ func FindESP(sysroot string) string {
 			return d
 		}
 	}
-	return ""
+	if filepath.Clean(sysroot) != "/" || deploy.BootedID("/") == "" {
+		return ""
+	}
+	if fi, err := os.Stat(filepath.Join(boot.LoaderESPDir, "loader")); err == nil && fi.IsDir() {
+		return boot.LoaderESPDir
+	}
+	if os.Geteuid() != 0 {
+		return ""
+	}
+	d, err := boot.LoaderESP{}.Mount(boot.LoaderESPDir)
+	if err != nil {
+		espWarning.Do(func() { fmt.Fprintf(os.Stderr, "berth: %v\n", err) })
+		return ""
+	}
+	return d
 }
+
+// espWarning says once per process why no ESP could be mounted.
+var espWarning sync.Once

@@ -25,6 +25,7 @@ import (
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/etcmerge"
+	"github.com/berth-dev/berth/internal/fsck"
 	"github.com/berth-dev/berth/internal/initrd"
 	"github.com/berth-dev/berth/internal/install"
 	"github.com/berth-dev/berth/internal/oci"
@@ -168,7 +169,7 @@ func TestRealUpgradeViaBus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res1, err := install.DeployImage(sysroot, esp, img1, install.DeployOptions{Runtime: rt, Root: root, Origin: "install"})
+	res1, err := install.DeployImage(sysroot, esp, img1, install.DeployOptions{Runtime: rt, Root: root, Origin: "install", KernelArgs: []string{"console=ttyS0,115200"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,6 +212,9 @@ func TestRealUpgradeViaBus(t *testing.T) {
 	second := deps[1]
 	if second.ImageRef != v2 || second.Origin != "switch" {
 		t.Fatalf("new deployment %+v", second)
+	}
+	if strings.Join(second.KernelArgs, " ") != "console=ttyS0,115200" {
+		t.Errorf("the installed system's kernel arguments were not carried to the new deployment: %q", second.KernelArgs)
 	}
 	def, err := boot.ESP{Dir: esp}.Default()
 	if err != nil || def == nil || def.ID != second.ID || def.TriesLeft != install.BootTries {
@@ -325,5 +329,25 @@ func TestRealSwitchCancelledMidImport(t *testing.T) {
 		if err := composefs.Check(filepath.Join(l.Images(), e.Name())); err != nil {
 			t.Errorf("image %s: %v", e.Name(), err)
 		}
+	}
+	assertFsckClean(t, sysroot)
+}
+
+// assertFsckClean runs `berth fsck --verify-objects`'s check on sysroot: no
+// errors, and no warnings either (nothing for cleanup to do).
+func assertFsckClean(t *testing.T, sysroot string) {
+	t.Helper()
+	rep, err := fsck.Check(fsck.Options{Sysroot: sysroot, VerifyObjects: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range rep.Errors {
+		t.Errorf("fsck error: %s", p)
+	}
+	for _, p := range rep.Warnings {
+		t.Errorf("fsck warning: %s", p)
+	}
+	if rep.Images == 0 || rep.Deployments == 0 {
+		t.Errorf("fsck found no images or deployments to check: %+v", rep)
 	}
 }

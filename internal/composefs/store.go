@@ -459,6 +459,7 @@ func (b *Batch) Commit() error {
 		return nil
 	}
 	s := b.store
+	tphase("commit")
 	sort.Slice(items, func(i, j int) bool { return bytes.Compare(items[i].digest, items[j].digest) < 0 })
 
 	if err := s.enableVerity(items); err != nil {
@@ -469,6 +470,7 @@ func (b *Batch) Commit() error {
 		os.RemoveAll(staging)
 		return fmt.Errorf("commit object store batch: %w", err)
 	}
+	tphase("syncfs1")
 	madeDir := map[string]bool{}
 	for _, p := range items {
 		final := s.Path(p.digest)
@@ -488,6 +490,7 @@ func (b *Batch) Commit() error {
 			os.Remove(p.tmp) // another batch committed the same object
 		}
 	}
+	tphase("renames")
 	if err := os.Remove(staging); err != nil {
 		return fmt.Errorf("commit object store batch: remove staging directory: %w", err)
 	}
@@ -623,4 +626,13 @@ func (b *Batch) Abort() error {
 		return fmt.Errorf("abort object store batch: %w", err)
 	}
 	return nil
+}
+
+var tphaseLast = time.Now()
+
+func tphase(name string) {
+	if os.Getenv("BERTH_TIMING") != "" {
+		fmt.Fprintf(os.Stderr, "  store: %-10s %v\n", name, time.Since(tphaseLast))
+		tphaseLast = time.Now()
+	}
 }

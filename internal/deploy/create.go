@@ -50,6 +50,7 @@ type CreateOptions struct {
 	Kernel         string // kernel version the deployment boots (required)
 	Origin         string // "install", "upgrade", ...
 	LocalMode      cmdline.LocalMode
+	KernelArgs     []string // extra kernel arguments, recorded for upgrades
 	// Now returns the creation time (tests); nil means time.Now.
 	Now func() time.Time
 }
@@ -161,6 +162,7 @@ func Create(l store.Layout, opts CreateOptions) (*CreateResult, error) {
 		State:           StateStaged,
 		Created:         now().UTC().Truncate(time.Second),
 		LocalMode:       mode,
+		KernelArgs:      opts.KernelArgs,
 	}
 	tmp, err := os.MkdirTemp(l.Deployments(), tmpPrefix+id+"-")
 	if err != nil {

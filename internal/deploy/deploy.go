@@ -55,6 +55,9 @@ type Deployment struct {
 	Created         time.Time         `json:"created"`
 	Pinned          bool              `json:"pinned"`
 	LocalMode       cmdline.LocalMode `json:"local_mode"`
+	// KernelArgs are the extra kernel arguments given at install
+	// (--karg); upgrades carry them to the next deployment.
+	KernelArgs []string `json:"kernel_args,omitempty"`
 }
 
 // Serial returns the serial part of the id (0 when the id is malformed).

@@ -7,9 +7,11 @@
 // "<path>.berth-new", so nothing is lost.
 //
 // Merge is a pure function over Trees; Apply writes a result as an
-// overlayfs upper directory above the new image; MergeDeployment does the
-// whole first-boot step for a deployment and is idempotent (a power cut
-// in the middle is repaired by running it again).
+// overlayfs upper directory above the new image; ReadUpper reads what an
+// upper directory changes; Prepare does the whole first-boot step for a
+// deployment (the /etc merge and the carry-over of other local changes)
+// before its overlay is mounted, and is idempotent (a power cut in the
+// middle is repaired by running it again).
 package etcmerge
 
 import (

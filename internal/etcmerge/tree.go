@@ -228,62 +228,6 @@ func readXattrs(p string) (map[string]string, error) {
 	return out, nil
 }
 
-// ApplyUpper returns lower with an overlayfs upper directory on top, as
-// the mounted overlay shows it: whiteouts (0/0 character devices, or the
-// trusted.overlay.whiteout xattr) delete, opaque directories
-// (trusted.overlay.opaque=y) hide the lower directory's contents, other
-// entries replace. lower is not changed.
-func ApplyUpper(lower Tree, upper string) (Tree, error) {
-	out := make(Tree, len(lower))
-	for p, e := range lower {
-		out[p] = e
-	}
-	if _, err := os.Lstat(upper); errors.Is(err, os.ErrNotExist) {
-		return out, nil
-	}
-	if isWhiteout(upper) || isOpaque(upper) {
-		out = Tree{}
-	}
-	removeBelow := func(p string) {
-		for q := range out {
-			if strings.HasPrefix(q, p+"/") {
-				delete(out, q)
-			}
-		}
-	}
-	err := filepath.WalkDir(upper, func(p string, de fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if p == upper {
-			return nil
-		}
-		rel, err := filepath.Rel(upper, p)
-		if err != nil {
-			return err
-		}
-		rel = filepath.ToSlash(rel)
-		if isWhiteout(p) {
-			delete(out, rel)
-			removeBelow(rel)
-			return nil
-		}
-		e, err := dirEntry(p)
-		if err != nil {
-			return err
-		}
-		if prev := out[rel]; e.Type != Dir || prev == nil || prev.Type != Dir || isOpaque(p) {
-			removeBelow(rel)
-		}
-		out[rel] = e
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("apply upper %s: %w", upper, err)
-	}
-	return out, nil
-}
-
 func isWhiteout(p string) bool {
 	var st unix.Stat_t
 	if unix.Lstat(p, &st) != nil {

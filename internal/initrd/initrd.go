@@ -27,15 +27,32 @@ import (
 	"github.com/berth-dev/berth/internal/kmod"
 )
 
-// DefaultModules are the modules berth's initramfs carries (with their
-// dependencies): composefs (erofs, overlay, loop), root filesystems,
-// common virtual and physical storage, device-mapper, TPM, EFI variables.
-var DefaultModules = []string{
-	"erofs", "overlay", "loop",
-	"ext4", "btrfs", "xfs", "vfat",
-	"virtio_blk", "virtio_pci", "virtio_scsi", "nvme", "ahci", "sd_mod",
-	"dm_mod", "tpm_tis", "tpm_crb", "efivarfs",
-}
+// The modules berth's initramfs carries (with their dependencies), by
+// role. Narrower than a distribution initrd on purpose: berth-init mounts
+// a local root filesystem that can hold fs-verity files (DESIGN §3: ext4
+// or btrfs; XFS has no fs-verity) and a composefs image on it; it does not
+// set up LVM, LUKS, RAID or network roots, so device-mapper and friends
+// would be dead weight.
+var (
+	// AlwaysModules are loaded on every boot: composefs.
+	AlwaysModules = []string{"erofs", "overlay", "loop"}
+	// StorageModules are the disk controllers and their protocols; each is
+	// loaded only when a present device matches one of its aliases
+	// (all of them as a fallback when the root device does not appear).
+	StorageModules = []string{
+		"virtio_blk", "virtio_pci", "virtio_scsi", // VMs
+		"nvme", "ahci", "sd_mod", // NVMe, SATA (and SCSI disks)
+		"xhci_pci", "ehci_pci", "usb_storage", "uas", // USB disks
+		"mmc_block", "sdhci_pci", "sdhci_acpi", // eMMC, SD cards
+		"tpm_tis", "tpm_crb", // for measured boot (built in on most kernels)
+	}
+	// FilesystemModules are root filesystems; only the one on the root
+	// device is loaded.
+	FilesystemModules = []string{"ext4", "btrfs"}
+)
+
+// DefaultModules are all modules berth's initramfs carries by default.
+var DefaultModules = append(append(append([]string{}, AlwaysModules...), StorageModules...), FilesystemModules...)
 
 // Compression of the cpio archive.
 const (
@@ -44,13 +61,18 @@ const (
 	None = "none"
 )
 
-// ModulesLoadList is where the load order is stored in the archive
+// ModulesLoadList lists the modules every boot loads, in dependency order
 // (read by berth-init; keep in sync with setuproot.ModulesLoadList).
 const ModulesLoadList = "etc/berth/modules.load"
 
+// StorageModulesList lists the hardware modules, loaded by berth-init all
+// at once only when the root device does not appear with those matching
+// the present devices (keep in sync with setuproot.StorageModulesList).
+const StorageModulesList = "etc/berth/modules.storage"
+
 // FilesystemModulesDir holds one load list per root filesystem type
-// (etc/berth/modules.fs/ext4, …: the modules that filesystem needs beyond
-// ModulesLoadList). berth-init loads only the list of the filesystem it
+// (etc/berth/modules.fs/ext4, …: that filesystem's modules with their
+// dependencies). berth-init loads only the list of the filesystem it
 // finds on the root device: loading every filesystem up front costs seconds
 // (btrfs pulls in raid6/xor, which benchmark themselves at load time).
 const FilesystemModulesDir = "etc/berth/modules.fs"
@@ -61,47 +83,53 @@ var rootFilesystems = map[string][]string{
 	"ext4":  {"ext4", "ext3", "ext2"},
 	"btrfs": {"btrfs"},
 	"xfs":   {"xfs"},
-	"vfat":  {"vfat"},
+	"f2fs":  {"f2fs"},
 }
 
-// splitFilesystemModules splits the load order into the modules every boot
-// needs and, per filesystem type, the extra modules of that root filesystem.
-func splitFilesystemModules(ix *kmod.Index, wanted, order []string) (core []string, perFS map[string][]string) {
-	var coreNames, fsNames []string
-	for _, w := range wanted {
-		if _, ok := rootFilesystems[w]; ok {
-			fsNames = append(fsNames, w)
-		} else {
-			coreNames = append(coreNames, w)
+// moduleLists sorts the wanted modules into berth-init's lists (module
+// paths, each list a full closure in load order; berth-init's loader skips
+// what is already loaded): always (loaded on every boot), storage (device
+// drivers, loaded when a device matches their aliases, all as a fallback)
+// and per root filesystem type. A wanted module with a device alias (an
+// alias with a bus prefix: "pci:…", "virtio:…", "mmc:block") is a device
+// driver ("devname:" aliases name /dev nodes, not devices); root
+// filesystems are known by name; everything else is always loaded.
+func moduleLists(ix *kmod.Index, wanted []string) (always, storage []string, perFS map[string][]string) {
+	device := map[string]bool{}
+	isDevice := func(alias string) bool {
+		return strings.Contains(alias, ":") && !strings.HasPrefix(alias, "devname:")
+	}
+	for _, p := range ix.Patterns {
+		if isDevice(p.Pattern) {
+			device[p.Module] = true
 		}
 	}
-	coreSet := map[string]bool{}
-	for _, m := range ix.Resolve(coreNames).Order {
-		coreSet[m] = true
-	}
-	perFS = map[string][]string{}
-	extra := map[string]bool{}
-	for _, name := range fsNames {
-		var list []string
-		for _, m := range ix.Resolve([]string{name}).Order {
-			if !coreSet[m] {
-				list = append(list, m)
-				extra[m] = true
+	for alias, mods := range ix.Alias {
+		if isDevice(alias) {
+			for _, m := range mods {
+				device[m] = true
 			}
 		}
-		if len(list) == 0 {
-			continue // built in, or missing (reported)
+	}
+	var alwaysNames, hwNames []string
+	perFS = map[string][]string{}
+	for _, w := range wanted {
+		n := strings.ReplaceAll(w, "-", "_")
+		if types, ok := rootFilesystems[n]; ok {
+			if list := ix.Resolve([]string{w}).Order; len(list) > 0 {
+				for _, t := range types {
+					perFS[t] = list
+				}
+			}
+			continue
 		}
-		for _, t := range rootFilesystems[name] {
-			perFS[t] = list
+		if device[n] {
+			hwNames = append(hwNames, w)
+		} else {
+			alwaysNames = append(alwaysNames, w)
 		}
 	}
-	for _, m := range order {
-		if !extra[m] {
-			core = append(core, m)
-		}
-	}
-	return core, perFS
+	return ix.Resolve(alwaysNames).Order, ix.Resolve(hwNames).Order, perFS
 }
 
 func sortedKeys(m map[string][]string) []string {
@@ -145,6 +173,12 @@ type Report struct {
 	UncompressedSize int64    `json:"uncompressed_size"`
 	Size             int64    `json:"size"` // bytes written to w
 	Compression      string   `json:"compression"`
+	// KernelDecompresses is the module compression the kernel's config
+	// says it decompresses itself (".xz", ...; "" none or unknown).
+	KernelDecompresses string `json:"kernel_decompresses"`
+	// Decompressed counts modules stored uncompressed because the kernel
+	// cannot decompress their format.
+	Decompressed int `json:"decompressed"`
 }
 
 // Build writes the initramfs to w.
@@ -203,6 +237,18 @@ func Build(w io.Writer, opts Options) (*Report, error) {
 	a.add(cpio.StaticRecord(initData, cpio.Info{Name: "init", Mode: cpio.S_IFREG | 0o755}))
 	a.add(cpio.StaticRecord([]byte("NAME=berth\nID=berth\nPRETTY_NAME=\"berth initramfs\"\n"), cpio.Info{Name: "etc/initrd-release", Mode: cpio.S_IFREG | 0o644}))
 
+	// Modules stay compressed when the kernel decompresses their format
+	// itself (berth-init then needs no decompressor); otherwise they are
+	// stored uncompressed and the archive's compression covers them.
+	kernelFormat := kernelModuleDecompression(opts.Root, modDir, kver)
+	inArchive := map[string]string{} // image path → archive path
+	for _, m := range cl.Order {
+		inArchive[m] = m
+		if c := kmod.CompressionOf(m); c != "" && c != kernelFormat {
+			inArchive[m] = strings.TrimSuffix(m, c)
+		}
+	}
+	rep.KernelDecompresses = kernelFormat
 	dst := "usr/lib/modules/" + kver
 	var dep bytes.Buffer
 	for _, m := range cl.Order {
@@ -210,29 +256,55 @@ func Build(w io.Writer, opts Options) (*Report, error) {
 		if err != nil {
 			return nil, err
 		}
+		if c := kmod.CompressionOf(m); inArchive[m] != m {
+			if data, err = decompressModule(data, c); err != nil {
+				return nil, fmt.Errorf("build initramfs: decompress module %s: %w", m, err)
+			}
+			rep.Decompressed++
+		}
 		rep.ModulesSize += int64(len(data))
-		a.mkdirs(path.Dir(path.Join(dst, m)))
-		a.add(cpio.StaticRecord(data, cpio.Info{Name: path.Join(dst, m), Mode: cpio.S_IFREG | 0o644}))
-		fmt.Fprintf(&dep, "%s:", m)
+		name := path.Join(dst, inArchive[m])
+		a.mkdirs(path.Dir(name))
+		a.add(cpio.StaticRecord(data, cpio.Info{Name: name, Mode: cpio.S_IFREG | 0o644}))
+		fmt.Fprintf(&dep, "%s:", inArchive[m])
 		for _, d := range ix.Deps[m] {
-			fmt.Fprintf(&dep, " %s", d)
+			fmt.Fprintf(&dep, " %s", inArchive[d])
 		}
 		dep.WriteByte('\n')
 	}
 	a.mkdirs(dst)
-	// modules.dep of exactly what is inside (modprobe in a debug shell, tests).
+	// modules.dep of exactly what is inside; modules.alias and
+	// modules.softdep of what is inside (berth-init matches devices against
+	// the aliases and resolves soft dependencies).
 	a.add(cpio.StaticRecord(sortedLines(dep.Bytes()), cpio.Info{Name: dst + "/modules.dep", Mode: cpio.S_IFREG | 0o644}))
-	for _, f := range []string{"modules.builtin", "modules.order"} {
+	inside := map[string]bool{}
+	for _, m := range cl.Order {
+		inside[kmod.Name(m)] = true
+	}
+	for _, f := range []string{"modules.alias", "modules.softdep"} {
+		if b := filterModuleLines(opts.Root, path.Join(modDir, f), inside); len(b) > 0 {
+			a.add(cpio.StaticRecord(b, cpio.Info{Name: dst + "/" + f, Mode: cpio.S_IFREG | 0o644}))
+		}
+	}
+	for _, f := range []string{"modules.builtin"} {
 		if b, err := fs.ReadFile(opts.Root, path.Join(modDir, f)); err == nil && len(b) < maxModule {
 			a.add(cpio.StaticRecord(b, cpio.Info{Name: dst + "/" + f, Mode: cpio.S_IFREG | 0o644}))
 		}
 	}
-	core, perFS := splitFilesystemModules(ix, wanted, cl.Order)
-	a.add(cpio.StaticRecord([]byte(strings.Join(core, "\n")+"\n"), cpio.Info{Name: ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
+	always, storage, perFS := moduleLists(ix, wanted)
+	list := func(paths []string) []byte {
+		var b strings.Builder
+		for _, p := range paths {
+			b.WriteString(inArchive[p] + "\n")
+		}
+		return []byte(b.String())
+	}
+	a.add(cpio.StaticRecord(list(always), cpio.Info{Name: ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
+	a.add(cpio.StaticRecord(list(storage), cpio.Info{Name: StorageModulesList, Mode: cpio.S_IFREG | 0o644}))
 	if len(perFS) > 0 {
 		a.dir(FilesystemModulesDir, 0o755)
 		for _, fsName := range sortedKeys(perFS) {
-			a.add(cpio.StaticRecord([]byte(strings.Join(perFS[fsName], "\n")+"\n"), cpio.Info{Name: FilesystemModulesDir + "/" + fsName, Mode: cpio.S_IFREG | 0o644}))
+			a.add(cpio.StaticRecord(list(perFS[fsName]), cpio.Info{Name: FilesystemModulesDir + "/" + fsName, Mode: cpio.S_IFREG | 0o644}))
 		}
 	}
 

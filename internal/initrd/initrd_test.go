@@ -3,6 +3,7 @@ package initrd
 import (
 	"bytes"
 	"debug/elf"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path"
@@ -85,6 +86,8 @@ func TestBuildSynthetic(t *testing.T) {
 	fsys := fstest.MapFS{
 		k + "modules.dep":                       {Data: []byte("kernel/fs/erofs/erofs.ko.xz: kernel/lib/lz4.ko.xz\nkernel/lib/lz4.ko.xz:\nkernel/fs/overlayfs/overlay.ko.xz:\nkernel/unused.ko.xz:\n")},
 		k + "modules.builtin":                   {Data: []byte("kernel/drivers/block/loop.ko\n")},
+		k + "modules.alias":                     {Data: []byte("alias fs-erofs erofs\nalias pci:v*d*sv*sd*bc01sc08i02* nvme\n")},
+		"boot/config-6.1.0-test":                {Data: []byte("CONFIG_MODULE_DECOMPRESS=y\nCONFIG_MODULE_COMPRESS_XZ=y\n")},
 		k + "kernel/fs/erofs/erofs.ko.xz":       {Data: []byte("erofs module")},
 		k + "kernel/lib/lz4.ko.xz":              {Data: []byte("lz4 module")},
 		k + "kernel/fs/overlayfs/overlay.ko.xz": {Data: []byte("overlay module")},
@@ -108,6 +111,9 @@ func TestBuildSynthetic(t *testing.T) {
 	}
 	if content(t, m["etc/berth/modules.load"]) != strings.Join(rep.Modules, "\n")+"\n" {
 		t.Fatal("modules.load differs from the report")
+	}
+	if got := content(t, m["usr/lib/modules/6.1.0-test/modules.alias"]); got != "alias fs-erofs erofs\n" {
+		t.Fatalf("modules.alias = %q, want only the aliases of modules inside", got)
 	}
 	if content(t, m["usr/lib/modules/6.1.0-test/kernel/fs/erofs/erofs.ko.xz"]) != "erofs module" {
 		t.Fatal("module content differs")
@@ -220,10 +226,11 @@ func TestBuildTrixie(t *testing.T) {
 		}
 	}
 	sort.Strings(mods)
-	// Everything in the archive is loaded: the core list at start, one
+	// Everything in the archive is on a list: always loaded, storage
+	// (loaded on a matching device, or all as a fallback), or one
 	// filesystem's list once the root device's type is known.
 	loadSet := map[string]bool{}
-	for _, l := range strings.Fields(content(t, m["etc/berth/modules.load"])) {
+	for _, l := range strings.Fields(content(t, m["etc/berth/modules.load"]) + " " + content(t, m["etc/berth/modules.storage"])) {
 		loadSet[l] = true
 	}
 	for name, rec := range m {
@@ -239,18 +246,33 @@ func TestBuildTrixie(t *testing.T) {
 	}
 	sort.Strings(load)
 	if strings.Join(mods, " ") != strings.Join(load, " ") {
-		t.Errorf("modules.load + modules.fs/* and modules.dep differ")
+		t.Errorf("modules.load + modules.storage + modules.fs/* and modules.dep differ:\n%s\n%s", strings.Join(mods, " "), strings.Join(load, " "))
 	}
 	// btrfs (and its raid6/xor benchmarks) is not loaded for an ext4 root.
+	// Device drivers are not loaded unconditionally, composefs is.
+	if always := content(t, m["etc/berth/modules.load"]); !strings.Contains(always, "/erofs.ko") || !strings.Contains(always, "/overlay.ko") || !strings.Contains(always, "/loop.ko") {
+		t.Errorf("modules.load = %q, want erofs, overlay, loop", always)
+	}
 	for _, l := range strings.Fields(content(t, m["etc/berth/modules.load"])) {
-		if strings.Contains(l, "/btrfs/") || strings.Contains(l, "raid6") || strings.Contains(l, "/xfs/") {
-			t.Errorf("modules.load loads %s before the root filesystem is known", l)
+		if strings.Contains(l, "/btrfs/") || strings.Contains(l, "raid6") || strings.Contains(l, "/ext4/") || strings.Contains(l, "ahci") || strings.Contains(l, "nvme") || strings.Contains(l, "usb") || strings.Contains(l, "mmc") {
+			t.Errorf("modules.load loads %s on every boot", l)
 		}
+	}
+	// Every storage driver is found by its device alias.
+	alias := content(t, m[dir+"modules.alias"])
+	for _, a := range []string{" virtio_blk\n", " nvme\n", " ahci\n", " sd_mod\n", " xhci_pci\n", " usb_storage\n", " uas\n", " mmc_block\n", " sdhci_pci\n"} {
+		if !strings.Contains(alias, a) {
+			t.Errorf("modules.alias has no alias for%s", strings.TrimSuffix(a, "\n"))
+		}
+	}
+	// The kernel decompresses xz itself (trixie's config): modules stay .ko.xz.
+	if rep.KernelDecompresses != ".xz" || rep.Decompressed != 0 {
+		t.Errorf("kernel decompresses %q, %d modules decompressed at build time; want .xz, 0", rep.KernelDecompresses, rep.Decompressed)
 	}
 	if ext4 := content(t, m["etc/berth/modules.fs/ext4"]); !strings.Contains(ext4, "ext4.ko") {
 		t.Errorf("modules.fs/ext4 = %q, want the ext4 module", ext4)
 	}
-	for _, want := range []string{"erofs", "overlay", "loop", "ext4", "btrfs", "xfs", "vfat", "virtio_blk", "virtio_scsi", "nvme", "ahci", "sd_mod", "dm_mod", "efivarfs"} {
+	for _, want := range DefaultModules {
 		found := false
 		for _, p := range mods {
 			if n := path.Base(p); strings.TrimSuffix(strings.ReplaceAll(n, "-", "_"), ".ko.xz") == want {
@@ -267,4 +289,27 @@ func TestBuildTrixie(t *testing.T) {
 	if rep.Size > 10<<20 {
 		t.Errorf("initramfs is %d bytes, more than the 10 MiB target", rep.Size)
 	}
+	// A kernel without CONFIG_MODULE_DECOMPRESS (here: no config in the
+	// image) gets every module uncompressed.
+	var raw bytes.Buffer
+	rep2, err := Build(&raw, Options{Root: noConfigFS{os.DirFS(trixie)}, KernelVersion: kver, InitBinary: initBin, Modules: []string{"ext4"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2 := readArchive(t, raw.Bytes())
+	ext4 := m2[dir+"kernel/fs/ext4/ext4.ko"]
+	if rep2.KernelDecompresses != "" || rep2.Decompressed != len(rep2.Modules) || !strings.HasPrefix(content(t, ext4), "\x7fELF") ||
+		!strings.Contains(content(t, m2["etc/berth/modules.fs/ext4"]), "kernel/fs/ext4/ext4.ko\n") {
+		t.Errorf("no kernel config: %+v; ext4.ko %d bytes", rep2, ext4.FileSize)
+	}
+}
+
+// noConfigFS hides the kernel config of an image root.
+type noConfigFS struct{ fs.FS }
+
+func (n noConfigFS) Open(name string) (fs.File, error) {
+	if strings.HasPrefix(name, "boot/config-") || strings.HasSuffix(name, "/config") {
+		return nil, fs.ErrNotExist
+	}
+	return n.FS.Open(name)
 }

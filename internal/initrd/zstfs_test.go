@@ -3,21 +3,20 @@ package initrd
 import (
 	"bytes"
 	"io/fs"
+	"os"
 	"strings"
 	"testing/fstest"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
-
-	"github.com/berth-dev/berth/internal/kmod"
 )
 
 // zstdModulesFS presents an image root whose modules are .ko.zst instead of
-// .ko.xz (recompressed on the fly), to exercise berth-init's own
-// decompression on a kernel that decompresses only xz itself.
+// .ko.xz (recompressed on the fly), to exercise the builder storing them
+// uncompressed for a kernel that decompresses only xz itself.
 type zstdModulesFS struct {
 	base   fs.FS
-	osRoot string // host path of base, for kmod.Decompress
+	osRoot string // host path of base, to read the .ko.xz
 }
 
 func (z zstdModulesFS) Open(name string) (fs.File, error) {
@@ -29,7 +28,11 @@ func (z zstdModulesFS) Open(name string) (fs.File, error) {
 		}
 		return single(name, bytes.ReplaceAll(b, []byte(".ko.xz"), []byte(".ko.zst")))
 	case strings.HasSuffix(name, ".ko.zst"):
-		raw, err := kmod.Decompress(z.osRoot + "/" + strings.TrimSuffix(name, ".zst") + ".xz")
+		xzData, err := os.ReadFile(z.osRoot + "/" + strings.TrimSuffix(name, ".zst") + ".xz")
+		if err != nil {
+			return nil, err
+		}
+		raw, err := decompressModule(xzData, ".xz")
 		if err != nil {
 			return nil, err
 		}

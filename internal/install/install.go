@@ -41,6 +41,10 @@ const BootTries = 3
 // Options configure an installation.
 type Options struct {
 	Image string // image reference with transport ("oci-archive:/x.tar", "docker://…")
+	// TargetImageRef is the reference the installed system tracks for
+	// `berth upgrade` ("" = Image). Like bootc's --target-imgref: install
+	// from a local copy, update from the registry.
+	TargetImageRef string
 	// Wipe allows overwriting a disk that has partitions or data.
 	Wipe bool
 	// Filesystem of the root partition: "ext4" (default) or "btrfs".
@@ -286,6 +290,9 @@ func checkOptions(o *Options) error {
 	if o.Image == "" {
 		return errors.New("install: no image given (--image)")
 	}
+	if o.TargetImageRef != "" && (strings.TrimSpace(o.TargetImageRef) != o.TargetImageRef || strings.ContainsAny(o.TargetImageRef, "\x00\n")) {
+		return fmt.Errorf("install: bad --target-imgref %q", o.TargetImageRef)
+	}
 	if o.Filesystem == "" {
 		o.Filesystem = "ext4"
 	}
@@ -503,8 +510,8 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 		var err error
 		cr, err = deploy.Create(l, deploy.CreateOptions{
 			Tree: tree, Store: objects, Runtime: rt,
-			ImageRef: img.Ref, ManifestDigest: img.ManifestDigest, Kernel: kver,
-			Origin: origin, LocalMode: opts.LocalMode,
+			ImageRef: trackedRef(img, opts), ManifestDigest: img.ManifestDigest, Kernel: kver,
+			Origin: origin, LocalMode: opts.LocalMode, KernelArgs: opts.KernelArgs,
 		})
 		if err != nil {
 			return "", err
@@ -876,4 +883,12 @@ func diskUsage(dir string) (int64, error) {
 		return nil
 	})
 	return total, err
+}
+
+// trackedRef is the image reference a new deployment records for upgrades.
+func trackedRef(img *oci.Image, opts Options) string {
+	if opts.TargetImageRef != "" {
+		return opts.TargetImageRef
+	}
+	return img.Ref
 }

@@ -43,6 +43,15 @@ type Index struct {
 	SoftPre map[string][]string
 	// Alias maps an exact alias (no wildcards) to module names.
 	Alias map[string][]string
+	// Patterns are the wildcard aliases (device modaliases such as
+	// "pci:v*d*sv*sd*bc01sc08i02*"), in file order.
+	Patterns []AliasPattern
+}
+
+// AliasPattern is one wildcard line of modules.alias.
+type AliasPattern struct {
+	Pattern string // fnmatch(3) pattern: * ? [...]
+	Module  string // module name
 }
 
 // ReadIndex reads the metadata below dir (…/lib/modules/<kver>) of fsys.
@@ -88,7 +97,12 @@ func ReadIndex(fsys fs.FS, dir string) (*Index, error) {
 	}
 	if err := eachLine(fsys, path.Join(dir, "modules.alias"), func(l string) {
 		f := strings.Fields(l)
-		if len(f) == 3 && f[0] == "alias" && !strings.ContainsAny(f[1], "*?[") {
+		if len(f) != 3 || f[0] != "alias" {
+			return
+		}
+		if strings.ContainsAny(f[1], "*?[") {
+			ix.Patterns = append(ix.Patterns, AliasPattern{Pattern: f[1], Module: normalize(f[2])})
+		} else {
 			ix.Alias[f[1]] = append(ix.Alias[f[1]], normalize(f[2]))
 		}
 	}); err != nil {
@@ -160,6 +174,127 @@ func checkRel(p string) error {
 		return fmt.Errorf("module path %q is not a clean relative path", p)
 	}
 	return nil
+}
+
+// Match returns the names of the modules whose aliases match a device's
+// modalias (what udev's kmod builtin does for "add" events), each once.
+func (ix *Index) Match(modalias string) []string {
+	var out []string
+	seen := map[string]bool{}
+	add := func(m string) {
+		if !seen[m] {
+			seen[m] = true
+			out = append(out, m)
+		}
+	}
+	for _, m := range ix.Alias[modalias] {
+		add(m)
+	}
+	for _, p := range ix.Patterns {
+		if fnmatch(p.Pattern, modalias) {
+			add(p.Module)
+		}
+	}
+	return out
+}
+
+// fnmatch matches like fnmatch(3) without flags: '*' and '?' match any
+// character including '/', "[...]" is a set ("[!...]" or "[^...]" negated,
+// ranges allowed). An unterminated '[' matches itself. Iterative with
+// backtracking on the last '*', so hostile patterns cost O(len(p)*len(s)).
+func fnmatch(p, s string) bool {
+	pi, si := 0, 0
+	starP, starS := -1, 0
+	for si < len(s) {
+		if pi < len(p) {
+			switch p[pi] {
+			case '*':
+				starP, starS = pi, si
+				pi++
+				continue
+			case '?':
+				pi++
+				si++
+				continue
+			case '[':
+				if ok, n := matchSet(p[pi:], s[si]); n > 0 {
+					if ok {
+						pi += n
+						si++
+						continue
+					}
+				} else if s[si] == '[' {
+					pi++
+					si++
+					continue
+				}
+			default:
+				if p[pi] == s[si] {
+					pi++
+					si++
+					continue
+				}
+			}
+		}
+		if starP < 0 {
+			return false
+		}
+		starS++
+		pi, si = starP+1, starS
+	}
+	for pi < len(p) && p[pi] == '*' {
+		pi++
+	}
+	return pi == len(p)
+}
+
+// matchSet matches c against the bracket expression at the start of p and
+// returns its length, or 0 when the expression is not terminated.
+func matchSet(p string, c byte) (bool, int) {
+	i := 1
+	neg := i < len(p) && (p[i] == '!' || p[i] == '^')
+	if neg {
+		i++
+	}
+	match := false
+	first := true
+	for ; i < len(p); i++ {
+		if p[i] == ']' && !first {
+			return match != neg, i + 1
+		}
+		first = false
+		lo := p[i]
+		if i+2 < len(p) && p[i+1] == '-' && p[i+2] != ']' {
+			if lo <= c && c <= p[i+2] {
+				match = true
+			}
+			i += 2
+			continue
+		}
+		if lo == c {
+			match = true
+		}
+	}
+	return false, 0
+}
+
+// DirectDeps returns the module paths p needs loaded first: its modules.dep
+// entries and its resolvable "pre:" soft dependencies.
+func (ix *Index) DirectDeps(p string) []string {
+	var out []string
+	for _, pre := range ix.SoftPre[Name(p)] {
+		n := normalize(pre)
+		if dp, ok := ix.Path[n]; ok {
+			out = append(out, dp)
+			continue
+		}
+		for _, m := range ix.Alias[pre] {
+			if dp, ok := ix.Path[m]; ok {
+				out = append(out, dp)
+			}
+		}
+	}
+	return append(out, ix.Deps[p]...)
 }
 
 // Closure is the result of resolving a set of wanted modules.

@@ -79,7 +79,9 @@ var defaultPolicyNotice sync.Once
 
 // Pull fetches ref, verifies it against the signature policy, imports its
 // layers into the object store and writes its composefs image. A ref
-// without a transport prefix is a registry reference (docker://).
+// without a transport prefix is a registry reference (docker://); without
+// a registry either, it is a short name resolved as podman does
+// (resolveShortName).
 func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	if opts.Jobs <= 0 {
 		opts.Jobs = 2
@@ -94,10 +96,6 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	if sysroot == "" {
 		sysroot = "/"
 	}
-	iref, err := parseRef(ref)
-	if err != nil {
-		return nil, err
-	}
 	sys := &types.SystemContext{}
 	if opts.SystemContext != nil {
 		c := *opts.SystemContext
@@ -106,6 +104,11 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	if opts.InsecureSkipTLSVerify {
 		sys.DockerInsecureSkipTLSVerify = types.OptionalBoolTrue
 		sys.OCIInsecureSkipTLSVerify = true
+	}
+	// A short name ("debian:trixie") resolves through registries.conf.
+	cands, err := pullCandidates(sys, ref, opts.Warnings)
+	if err != nil {
+		return nil, err
 	}
 	pc, err := policyContext(opts, sys)
 	if err != nil {
@@ -122,11 +125,13 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	}
 	defer lock.Unlock()
 
-	src, err := iref.NewImageSource(ctx, sys)
+	src, cand, err := openFirst(ctx, sys, ref, cands)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", ref, err)
+		return nil, err
 	}
 	defer src.Close()
+	iref := cand.ref
+	ref = cand.name // a short name is recorded as what it resolved to
 
 	top := image.UnparsedInstance(src, nil)
 	allowed, err := pc.IsRunningImageAllowed(ctx, top)
@@ -382,6 +387,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 		toFetch = append(toFetch, j)
 	}
 
+	tphase("start")
 	batch := objects.NewBatch()
 	committed := false
 	defer func() {
@@ -392,6 +398,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 	if err := fetchLayers(ctx, src, toFetch, batch, opts, stats); err != nil {
 		return nil, err
 	}
+	tphase("fetched")
 	// The tree is built before anything is committed, so an image whose
 	// layers do not fit together leaves no trace in the store.
 	root := NewRoot()
@@ -400,6 +407,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, fmt.Errorf("layer %d (%s): %w", i, j.info.Digest, err)
 		}
 	}
+	tphase("applied")
 	if err := batch.Commit(); err != nil {
 		return nil, fmt.Errorf("commit objects: %w", err)
 	}
@@ -410,6 +418,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, fmt.Errorf("save index of layer %s: %w", j.diffID, err)
 		}
 	}
+	tphase("indexes")
 	kernels, err := FindKernels(root)
 	var nk *NoKernelError
 	if err != nil && !errors.As(err, &nk) {
@@ -427,6 +436,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, err
 		}
 	}
+	tphase("image")
 	files, size := treeStats(root)
 	img := &Image{
 		ManifestDigest:  md.String(),
@@ -690,4 +700,13 @@ func treeStats(root *composefs.Inode) (files int, size int64) {
 	}
 	walk(root)
 	return files, size
+}
+
+var tphaseLast = time.Now()
+
+func tphase(name string) {
+	if os.Getenv("BERTH_TIMING") != "" {
+		fmt.Fprintf(os.Stderr, "timing: %-10s %v\n", name, time.Since(tphaseLast))
+		tphaseLast = time.Now()
+	}
 }

@@ -177,6 +177,14 @@ func LookupImage(sysroot, refOrDigest string) (*Image, error) {
 			return img, nil
 		}
 	}
+	// A short name finds the image it resolved to when pulled.
+	for _, c := range localShortNameCandidates(q) {
+		for _, img := range imgs {
+			if img.Ref == c || img.Ref == "docker://"+c {
+				return img, nil
+			}
+		}
+	}
 	h := strings.TrimPrefix(q, "sha256:")
 	var match []*Image
 	if len(h) >= 8 && isHex(h) {

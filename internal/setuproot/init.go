@@ -1,13 +1,11 @@
 package setuproot
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -26,12 +24,21 @@ const ModulesLoadList = "etc/berth/modules.load"
 // once the root device is found (keep in sync with initrd.FilesystemModulesDir).
 const FilesystemModulesDir = "etc/berth/modules.fs"
 
+// StorageModulesList lists every storage driver of the initramfs, loaded
+// when the root device has not appeared after storageFallback with the
+// drivers matching the present devices (keep in sync with
+// initrd.StorageModulesList).
+const StorageModulesList = "etc/berth/modules.storage"
+
+const storageFallback = 5 * time.Second
+
 // InitConfig configures the PID 1 flow of berth's initramfs.
 type InitConfig struct {
 	Console     io.Writer     // default os.Stdout (the kernel's /dev/console)
 	RootTimeout time.Duration // wait for root=; default 90s
 	FailTimeout time.Duration // show the error this long before rebooting; default 30s
 	Sysroot     string        // default "/sysroot"
+	Prepare     PrepareFunc   // see Options.Prepare
 }
 
 // Init is berth-init as PID 1: prepare the initramfs, load modules, find
@@ -64,13 +71,20 @@ func Init(cfg InitConfig) {
 			return &Error{Reason: "the kernel command line is invalid", Fix: "fix the berth.* arguments of the boot entry (DESIGN §4 lists them), or boot another entry", Err: err}
 		}
 		debugShell = args.DebugShell
-		loadModules(con)
+		mods := kmod.StartInitramfs(con, "/"+ModulesLoadList, "/"+StorageModulesList, "/"+FilesystemModulesDir)
 		spec, err := blkdev.ParseSpec(args.Root)
 		if err != nil {
 			return &Error{Reason: "root= is missing or not understood", Fix: "add root=UUID=…, PARTUUID=…, LABEL=… or /dev/… to the boot entry", Err: err}
 		}
 		fmt.Fprintf(con, "berth: waiting up to %s for root=%s\n", cfg.RootTimeout, spec)
-		dev, err := blkdev.Scanner{}.Wait(spec, cfg.RootTimeout, 100*time.Millisecond)
+		// The drivers of the present devices load in the background; if the
+		// root device is not there after storageFallback, load them all.
+		first := min(storageFallback, cfg.RootTimeout)
+		dev, err := blkdev.Scanner{}.Wait(spec, first, 20*time.Millisecond)
+		if err != nil {
+			mods.LoadStorage()
+			dev, err = blkdev.Scanner{}.Wait(spec, cfg.RootTimeout-first, 100*time.Millisecond)
+		}
 		if err != nil {
 			return &Error{Reason: "the root device did not appear", Fix: "check root= against the devices listed; a missing storage driver means the initramfs lacks its module (berth initramfs build)", Err: err}
 		}
@@ -79,12 +93,13 @@ func Init(cfg InitConfig) {
 		if fstype == "" {
 			fstype = dev.FSType
 		}
-		loadModuleList(con, filepath.Join("/", FilesystemModulesDir, filepath.Base(fstype)), "root filesystem "+fstype, true)
+		mods.LoadFilesystem(fstype)
 		if err := MountRoot(dev, args, cfg.Sysroot); err != nil {
 			return &Error{Reason: "cannot mount the root filesystem " + dev.Dev, Fix: "check rootfstype= and rootflags=, or run fsck on it from a rescue system", Err: err}
 		}
+		mods.Finish() // composefs modules in, uevent listener stopped
 		if args.Berth() {
-			rec, err := Setup(Options{Sysroot: cfg.Sysroot, Args: args, Console: con, RootDevice: dev.Dev})
+			rec, err := Setup(Options{Sysroot: cfg.Sysroot, Args: args, Console: con, RootDevice: dev.Dev, Prepare: cfg.Prepare})
 			if err != nil {
 				return err
 			}
@@ -127,57 +142,6 @@ func reopenConsole() io.Writer {
 		unix.Dup2(int(f.Fd()), fd)
 	}
 	return os.Stdout
-}
-
-// loadModules loads the initramfs's module list; failures are reported,
-// not fatal (a driver for absent hardware may refuse to load).
-func loadModules(con io.Writer) {
-	loadModuleList(con, "/"+ModulesLoadList, "storage and composefs", false)
-}
-
-// loadModuleList loads the modules listed in file. optional: a missing list
-// is normal (an older initramfs, or a filesystem built into the kernel).
-func loadModuleList(con io.Writer, file, what string, optional bool) {
-	var uts unix.Utsname
-	unix.Uname(&uts)
-	kver := unix.ByteSliceToString(uts.Release[:])
-	dir := filepath.Join("/usr/lib/modules", kver)
-	f, err := os.Open(file)
-	if err != nil {
-		if !optional {
-			fmt.Fprintf(con, "berth: no module list (%v); relying on built-in drivers\n", err)
-		}
-		return
-	}
-	defer f.Close()
-	if _, err := os.Stat(dir); err != nil {
-		fmt.Fprintf(con, "berth: WARNING: this initramfs has no modules for the running kernel %s (%v)\n", kver, err)
-		return
-	}
-	start := time.Now()
-	counts := map[string]int{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		rel := strings.TrimSpace(sc.Text())
-		if rel == "" || strings.HasPrefix(rel, "#") {
-			continue
-		}
-		r := kmod.Load(filepath.Join(dir, rel))
-		if errors.Is(r.Err, unix.ENODEV) {
-			// The module's hardware or CPU feature is absent (crc32c-intel
-			// without SSE4.2, ...): expected, not a failure.
-			counts["no-device"]++
-			continue
-		}
-		if r.Err != nil {
-			counts["failed"]++
-			fmt.Fprintf(con, "berth: %v\n", r.Err)
-			continue
-		}
-		counts[r.How]++
-	}
-	fmt.Fprintf(con, "berth: %s modules for %s loaded in %s: %d by the kernel from compressed files, %d uncompressed, %d decompressed by berth-init, %d already loaded, %d not for this hardware, %d failed\n",
-		what, kver, time.Since(start).Round(time.Millisecond), counts["finit-compressed"], counts["finit"], counts["init-decompressed"], counts["already-loaded"], counts["no-device"], counts["failed"])
 }
 
 // MountRoot mounts the physical root at target. A berth root is mounted

@@ -47,13 +47,14 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// EtcMerger finishes the pending /etc 3-way merge of a new deployment at its
-// first boot (DESIGN §5 step 6). It runs with the new root mounted at
-// newRoot, before it replaces the sysroot, and must be idempotent.
-// The merge itself belongs to the deployment work; nil skips the step.
-type EtcMerger interface {
-	MergeEtc(newRoot, deployDir string) error
-}
+// PrepareFunc does a deployment's first-boot work on the physical root
+// (mounted read-write at physRoot) before its overlay is mounted: the
+// pending /etc 3-way merge and carry-over of local changes write the
+// deployment's upper layer, which overlayfs must not see change under a
+// mount. local is the mode the deployment boots in. It must be
+// idempotent (a power cut reruns it at the next boot). berth-init wires
+// it to etcmerge.Prepare; nil skips the step.
+type PrepareFunc func(physRoot, deployID string, local cmdline.LocalMode) error
 
 // Measurer extends the berth PCR with the deployment and appends to the
 // event log (DESIGN §5 step 7; the trust-chain work implements it). It
@@ -82,8 +83,8 @@ type Options struct {
 	// the deployment (package databases); nil means DefaultPerDeployment.
 	PerDeployment []string
 
-	EtcMerger EtcMerger
-	Measurer  Measurer
+	Prepare  PrepareFunc
+	Measurer Measurer
 }
 
 // DefaultShared are the directories shared by all deployments (DESIGN §5).
@@ -194,6 +195,14 @@ func (s *setup) run() error {
 	}
 	s.rec.ImageVerity = imageVerity
 
+	// Before the overlay exists: this writes the deployment's upper layer.
+	if s.o.Prepare != nil {
+		if err := s.o.Prepare(s.o.Sysroot, a.Deploy, a.Local); err != nil {
+			return &Error{Reason: "preparing deployment " + a.Deploy + " (first-boot /etc merge and carry-over of local changes) failed",
+				Fix: "boot the previous entry (it is unchanged); this is retried at every boot of this entry. To boot it without the merge (its local changes are then not carried), delete /berth/deploy/" + a.Deploy + "/etc-merge.json from the previous entry", Err: err}
+		}
+	}
+
 	if err := os.MkdirAll(s.o.RunDir, 0o755); err != nil {
 		return &Error{Reason: "cannot create " + s.o.RunDir, Err: err}
 	}
@@ -254,11 +263,6 @@ func (s *setup) run() error {
 	}
 	if err := s.bindShared(); err != nil {
 		return err
-	}
-	if s.o.EtcMerger != nil {
-		if err := s.o.EtcMerger.MergeEtc(s.stage, deployDir); err != nil {
-			return &Error{Reason: "the /etc merge of deployment " + a.Deploy + " failed", Fix: "boot the previous entry; `berth status` shows the conflict", Err: err}
-		}
 	}
 	if err := s.placeRoot(); err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -316,4 +317,54 @@ func TestSealPendingWithoutVerity(t *testing.T) {
 	if len(rec.Warnings) == 0 || !strings.Contains(strings.Join(rec.Warnings, "\n"), "cannot seal") {
 		t.Fatalf("no warning about sealing: %v", rec.Warnings)
 	}
+}
+
+// TestSetupRootPrepare checks that the prepare hook runs on the mounted
+// physical root before the overlay exists, and that its writes to the
+// upper layer show in the mounted root; a failing hook stops the boot.
+func TestSetupRootPrepare(t *testing.T) {
+	base := inMountNamespace(t)
+	if base == "" {
+		return
+	}
+	f := newFixture(t, base)
+	calls := 0
+	prep := func(phys, id string, local cmdline.LocalMode) error {
+		calls++
+		if phys != f.sysroot || id != f.deployID() || local != cmdline.LocalPersistent {
+			return fmt.Errorf("prepare(%q, %q, %q)", phys, id, local)
+		}
+		if err := checkMountPoint(filepath.Join(f.run, "root")); err == nil {
+			return errors.New("the overlay is already mounted")
+		}
+		upper := filepath.Join(phys, "berth/deploy", id, "upper")
+		if err := os.MkdirAll(filepath.Join(upper, "usr"), 0o755); err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(upper, "usr", "prepared"), []byte("before mount\n"), 0o644)
+	}
+	must(t, unix.Mount(f.backing, f.sysroot, "", unix.MS_BIND, ""))
+	var con bytes.Buffer
+	_, err := Setup(Options{Sysroot: f.sysroot, Args: f.args(t, ""), RunDir: f.run, Console: &con, Prepare: prep})
+	if err != nil || calls != 1 {
+		t.Fatalf("setup-root: %v (prepare called %d times)\n%s", err, calls, con.String())
+	}
+	if read(t, filepath.Join(f.sysroot, "usr/prepared")) != "before mount\n" {
+		t.Fatal("the hook's upper layer change is not in the mounted root")
+	}
+	f.shutdown(t)
+
+	must(t, unix.Mount(f.backing, f.sysroot, "", unix.MS_BIND, ""))
+	_, err = Setup(Options{Sysroot: f.sysroot, Args: f.args(t, ""), RunDir: f.run, Console: &con,
+		Prepare: func(string, string, cmdline.LocalMode) error { return errors.New("merge failed") }})
+	var be *Error
+	if !errors.As(err, &be) || !strings.Contains(err.Error(), "merge failed") || be.Fix == "" {
+		t.Fatalf("failing prepare: %v", err)
+	}
+	var st unix.Statfs_t
+	must(t, unix.Statfs(filepath.Join(f.run, "root"), &st))
+	if st.Type == unix.OVERLAYFS_SUPER_MAGIC {
+		t.Fatal("the overlay was mounted although prepare failed")
+	}
+	must(t, unix.Unmount(f.sysroot, unix.MNT_DETACH))
 }

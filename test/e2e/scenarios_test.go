@@ -169,8 +169,9 @@ func (g *guest) must(t *testing.T, cmd string) string {
 	return out
 }
 
-// installGuest installs an image with berth onto a fresh disk image.
-func installGuest(t *testing.T, name string, r harness.Recipe) *guest {
+// installGuest installs an image with berth onto a fresh disk image, with extra
+// `berth install to-disk` arguments.
+func installGuest(t *testing.T, name string, r harness.Recipe, extraArgs ...string) *guest {
 	t.Helper()
 	g := &guest{name: name, dir: filepath.Join(lane.dir, name)}
 	ok := step(t, name+"/install", func(t *testing.T) {
@@ -186,6 +187,7 @@ func installGuest(t *testing.T, name string, r harness.Recipe) *guest {
 		args := []string{"-k", "10", fmt.Sprint(int(installTimeout.Seconds())), berth, "install", "to-disk", disk,
 			"--image", g.img.Ref(), "--wipe", "--size", "6G", "--root-ssh-authorized-keys", lane.key.Public,
 			"--karg", "console=ttyS0,115200", "--karg", "panic=-1"}
+		args = append(args, extraArgs...)
 		cmd := exec.Command("timeout", args...)
 		out, err := cmd.CombinedOutput()
 		os.WriteFile(filepath.Join(g.dir, "install.log"), out, 0o644)
