@@ -69,6 +69,8 @@ install: build
 	ln -sf ../lib/berth/berth $(DESTDIR)$(PREFIX)/bin/berth
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 0644 docs/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -d $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m 0644 docs/man/*.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	$(BIN)/berth completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/berth
 	$(BIN)/berth completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_berth
@@ -97,7 +99,7 @@ vm:
 
 ## man: regenerate docs/man from the command definitions (a test checks they are current).
 man: build
-	rm -rf docs/man && $(BIN)/berth docs man docs/man
+	rm -f docs/man/*.1 && $(BIN)/berth docs man docs/man
 
 clean:
 	rm -rf $(BIN)

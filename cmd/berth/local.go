@@ -124,6 +124,9 @@ func newResetCmd() *cobra.Command {
 			}
 			w := cmd.OutOrStdout()
 			what := fmt.Sprintf("%d paths", len(res.Paths))
+			if len(res.Paths) == 1 {
+				what = "1 path"
+			}
 			if res.All {
 				what = "all local changes"
 			}

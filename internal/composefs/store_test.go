@@ -232,8 +232,8 @@ func TestStoreAbortAndCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	left := storeEntries(t, s.Dir())
-	if s.Has(d) || len(left) != 2 || !strings.HasPrefix(left[0], tmpPrefix) {
-		t.Fatalf("uncommitted batch left %v, want one staging directory with one file", left)
+	if s.Has(d) || len(left) != 3 || !strings.HasPrefix(left[0], tmpPrefix) {
+		t.Fatalf("uncommitted batch left %v, want one staging directory with one bucket holding one file", left)
 	}
 	if n, err := s.CleanupTemps(time.Hour); err != nil || n != 0 {
 		t.Fatalf("CleanupTemps(1h) removed %d (%v), want 0: the batch is new", n, err)

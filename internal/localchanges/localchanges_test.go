@@ -361,3 +361,46 @@ func TestMountinfoUnescape(t *testing.T) {
 		t.Fatalf("%q", got)
 	}
 }
+
+// A recorded reset of a renamed directory and its origin is applied
+// together; one of them alone is skipped at boot when the other stays.
+func TestPendingResetRenamedDir(t *testing.T) {
+	l, d := testDeployment(t)
+	mnt, umount := mountDeployment(t, l, d)
+	must(t, os.Rename(filepath.Join(mnt, "usr/share/doc"), filepath.Join(mnt, "usr/share/doc2")))
+	must(t, os.WriteFile(filepath.Join(mnt, "etc/hostname"), []byte("local\n"), 0o644))
+	umount()
+	_, err := Reset(l, d.ID, ResetOptions{Paths: []string{"/usr/share/doc"}, Booted: d.ID})
+	if !IsRefusal(err) || !strings.Contains(err.Error(), "reset both") {
+		t.Fatalf("pending reset of a rename origin alone: %v", err)
+	}
+	_, err = Reset(l, d.ID, ResetOptions{Paths: []string{"/usr/share/doc", "/usr/share/doc2"}, Booted: d.ID})
+	must(t, err)
+	must(t, ApplyPendingReset(l, d.ID))
+	res, err := Diff(l, d.ID)
+	must(t, err)
+	if got := changeList(res.Changes); got != "modified /etc/hostname" {
+		t.Fatalf("after applying: %s", got)
+	}
+	mnt, umount = mountDeployment(t, l, d)
+	if got := readFile(t, filepath.Join(mnt, "usr/share/doc/README")); got != "readme\n" {
+		t.Errorf("/usr/share/doc/README: %q", got)
+	}
+	umount()
+
+	// Recorded as a pair, but at boot the origin comes with a hostname
+	// reset only: the origin is skipped, the hostname reset.
+	mnt, umount = mountDeployment(t, l, d)
+	must(t, os.Rename(filepath.Join(mnt, "usr/share/doc"), filepath.Join(mnt, "usr/share/doc3")))
+	umount()
+	must(t, os.WriteFile(filepath.Join(l.Deployment(d.ID), ResetFile), []byte(`{"version":1,"paths":["/usr/share/doc","/etc/hostname"]}`), 0o644))
+	err = ApplyPendingReset(l, d.ID)
+	if err == nil || !strings.Contains(err.Error(), "reset both") {
+		t.Fatalf("apply with a rename partner left: %v", err)
+	}
+	res, err = Diff(l, d.ID)
+	must(t, err)
+	if got := changeList(res.Changes); got != "deleted /usr/share/doc\nadded /usr/share/doc3" {
+		t.Fatalf("after applying: %s", got)
+	}
+}

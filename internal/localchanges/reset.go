@@ -115,7 +115,8 @@ func refuse(format string, args ...any) error { return &Refusal{fmt.Sprintf(form
 // IsRefusal reports whether err is (or wraps) a Refusal.
 func IsRefusal(err error) bool {
 	var r *Refusal
-	return errors.As(err, &r)
+	var rc *redirectConflict
+	return errors.As(err, &r) || errors.As(err, &rc)
 }
 
 // ErrMounted is wrapped when a deployment's overlay is mounted (other
@@ -259,16 +260,38 @@ func ApplyPendingReset(l store.Layout, id string) error {
 			return fmt.Errorf("apply pending reset of %s: %w", id, err)
 		}
 	} else {
+		var rels []string
 		for _, p := range pr.Paths {
 			rel, err := NormalizePath(p)
 			if err == nil {
-				var t []string
-				if t, err = resetTargets(root, upper, false, []string{rel}); err == nil {
-					targets = append(targets, t...)
-					continue
-				}
+				_, err = target(root, upper, rel)
+			}
+			if err != nil {
+				skipped = append(skipped, err.Error())
+				continue
+			}
+			rels = append(rels, rel)
+		}
+		// Together, as recorded (a renamed directory and its origin go
+		// together); a path whose rename partner is not reset with it is
+		// dropped and the rest tried again.
+		for {
+			targets, err = resetTargets(root, upper, false, rels)
+			var rc *redirectConflict
+			if !errors.As(err, &rc) {
+				break
 			}
 			skipped = append(skipped, err.Error())
+			var keep []string
+			for _, r := range rels {
+				if !covers(r, rc.from) {
+					keep = append(keep, r)
+				}
+			}
+			rels = keep
+		}
+		if err != nil {
+			return fmt.Errorf("apply pending reset of %s: %w", id, err)
 		}
 	}
 	if err := removeTargets(l.Deployment(id), upper, targets); err != nil {
@@ -377,7 +400,7 @@ func resetTargets(root *composefs.Inode, upper string, all bool, rels []string) 
 		}
 		for _, r := range reds {
 			if coveredBy(kept, r.from) && !coveredBy(kept, r.at) {
-				return nil, refuse("/%s was renamed locally to /%s, which still takes its content from it; reset both (or /%s alone)", r.from, r.at, r.at)
+				return nil, &redirectConflict{Refusal{fmt.Sprintf("/%s was renamed locally to /%s, which still takes its content from it; reset both (or /%s alone)", r.from, r.at, r.at)}, r.from}
 			}
 		}
 	}
@@ -396,6 +419,13 @@ func coveredBy(ts []string, p string) bool {
 }
 
 type redirect struct{ at, from string }
+
+// redirectConflict refuses to bring back the origin (from) of a renamed
+// entry that stays.
+type redirectConflict struct {
+	Refusal
+	from string
+}
 
 // redirects lists the upper entries that overlayfs redirected to another
 // path of the image (renamed directories; with metacopy also files).

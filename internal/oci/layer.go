@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"runtime"
 	"strings"
 	"sync"
@@ -100,8 +101,9 @@ type readLimits struct {
 // run in parallel with decompression and tar parsing; bigger files are
 // streamed straight into the store. inFlightMax bounds the buffered bytes.
 const (
-	bufferedMax = 1 << 20
-	inFlightMax = 64 << 20
+	bufferedShift = 20
+	bufferedMax   = 1 << bufferedShift
+	inFlightMax   = 64 << 20
 )
 
 // readLayer parses an uncompressed layer tar, validates every entry and
@@ -182,14 +184,19 @@ func parseLayer(r io.Reader, st *storer, lim readLimits, onBytes func(int64)) ([
 }
 
 func readContent(tr io.Reader, e *Entry, st *storer) error {
-	if e.Size <= bufferedMax {
+	if e.Size <= inlineMax {
 		buf := make([]byte, e.Size)
 		if _, err := io.ReadFull(tr, buf); err != nil {
 			return fmt.Errorf("read %s: truncated layer: %w", e.Path, err)
 		}
-		if e.Size <= inlineMax {
-			e.Inline = buf
-			return nil
+		e.Inline = buf
+		return nil
+	}
+	if e.Size <= bufferedMax {
+		buf := getBuf(int(e.Size))
+		if _, err := io.ReadFull(tr, buf); err != nil {
+			putBuf(buf)
+			return fmt.Errorf("read %s: truncated layer: %w", e.Path, err)
 		}
 		st.submit(e, buf)
 		return nil
@@ -240,21 +247,63 @@ func newStorer(sink objectSink, workers int) *storer {
 	return st
 }
 
+// bytesSink is an objectSink that takes content already in memory
+// (*composefs.Batch: it hashes first and writes new content with one
+// write, skipping content it already has).
+type bytesSink interface {
+	AddBytes(data []byte) (digest []byte, err error)
+}
+
 func (st *storer) store(j storeJob) {
-	digest, n, err := st.sink.AddReader(bytes.NewReader(j.buf))
-	if err == nil && n != int64(len(j.buf)) {
-		err = fmt.Errorf("stored %d of %d bytes", n, len(j.buf))
+	var digest []byte
+	var err error
+	if bs, ok := st.sink.(bytesSink); ok {
+		digest, err = bs.AddBytes(j.buf)
+	} else {
+		var n int64
+		digest, n, err = st.sink.AddReader(bytes.NewReader(j.buf))
+		if err == nil && n != int64(len(j.buf)) {
+			err = fmt.Errorf("stored %d of %d bytes", n, len(j.buf))
+		}
 	}
+	size := len(j.buf)
+	putBuf(j.buf) // neither sink keeps it
 	st.mu.Lock()
 	if err != nil && st.err == nil {
 		st.err = fmt.Errorf("store content of %s: %w", j.e.Path, err)
 	}
-	st.inFlight -= len(j.buf)
+	st.inFlight -= size
 	st.cond.Broadcast()
 	st.mu.Unlock()
 	if err == nil {
 		j.e.Digest = hex.EncodeToString(digest)
 	}
+}
+
+// File contents of up to bufferedMax bytes are read into buffers from
+// pools by power-of-two size, so that a layer of many small files does
+// not allocate (and the garbage collector clear) its whole size again.
+const minBufShift = 7 // files of 65..128 bytes share the smallest class
+
+var bufPools [bufferedShift + 1]sync.Pool
+
+func bufClass(n int) int { return max(bits.Len(uint(n-1)), minBufShift) }
+
+func getBuf(n int) []byte {
+	c := bufClass(n)
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+func putBuf(b []byte) {
+	c := bufClass(cap(b))
+	if cap(b) != 1<<c || c >= len(bufPools) {
+		return
+	}
+	b = b[:cap(b)]
+	bufPools[c].Put(&b)
 }
 
 // submit queues buf for storing, waiting while too much is buffered.

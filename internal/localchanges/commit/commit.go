@@ -177,7 +177,9 @@ func Commit(ctx context.Context, opts Options) (*Result, error) {
 }
 
 func transportName(r types.ImageReference) string {
-	return r.Transport().Name() + ":" + r.StringWithinTransport()
+	// oci-archive:/x.tar without an image name reads "/x.tar:" within
+	// its transport.
+	return r.Transport().Name() + ":" + strings.TrimSuffix(r.StringWithinTransport(), ":")
 }
 
 // parseRef parses a containers/image reference; one without a transport
