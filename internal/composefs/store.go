@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -155,31 +156,33 @@ func (s *Store) CleanupTemps(olderThan time.Duration) (int, error) {
 	return n, nil
 }
 
-// Batch adds objects to a store. Files are written under temporary names
-// in a private staging directory (Dir()/.tmp-batch-*); Commit makes them
-// durable with one syncfs, renames them into place and syncs again, so no
-// per-object fsync is needed and a named object is always complete after
-// any crash. A Batch is safe for concurrent use; it is spent after Commit
-// or Abort.
+// Batch adds objects to a store. Files are written in a private staging
+// directory (Dir()/.tmp-batch-*), under XX/<rest of hex> as in the store
+// itself once their digest is known; Commit makes them durable with one
+// syncfs, moves them into place and syncs again, so no per-object fsync is
+// needed and a named object is always complete after any crash. A Batch is
+// safe for concurrent use; it is spent after Commit or Abort.
 type Batch struct {
 	store *Store
 
 	mu      sync.Mutex
 	staging string             // created on first use
+	buckets map[string]bool    // staging/XX directories made
 	pending map[string]pending // by hex digest
 	seq     int
 	done    bool
+	broken  error // a failed addition left a file in staging: Commit refuses
 }
 
 type pending struct {
-	tmp    string // absolute path in staging
+	tmp    string // absolute path in staging: staging/XX/<rest>
 	digest []byte
 	check  bool // digest came from the caller: measure after enabling verity
 }
 
 // NewBatch starts a batch of additions to s.
 func (s *Store) NewBatch() *Batch {
-	return &Batch{store: s, pending: map[string]pending{}}
+	return &Batch{store: s, pending: map[string]pending{}, buckets: map[string]bool{}}
 }
 
 // Len returns the number of new objects waiting for Commit.
@@ -189,53 +192,87 @@ func (b *Batch) Len() int {
 	return len(b.pending)
 }
 
-// reserve returns a fresh temporary path, or "" when digest (if known) is
-// already in the store or in the batch.
-func (b *Batch) reserve(hexDigest string) (string, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+// stagingLocked creates the staging directory on first use; b.mu is held.
+func (b *Batch) stagingLocked() error {
 	if b.done {
-		return "", errors.New("object store batch already committed or aborted")
+		return errors.New("object store batch already committed or aborted")
 	}
-	if hexDigest != "" {
-		if _, ok := b.pending[hexDigest]; ok {
-			return "", nil
-		}
+	if b.staging != "" {
+		return nil
 	}
-	if b.staging == "" {
-		var rnd [6]byte
-		if _, err := rand.Read(rnd[:]); err != nil {
-			return "", err
-		}
-		dir := filepath.Join(b.store.dir, tmpPrefix+"-batch-"+hex.EncodeToString(rnd[:]))
-		if err := os.Mkdir(dir, 0o700); err != nil {
-			return "", fmt.Errorf("create staging directory: %w", err)
-		}
-		b.staging = dir
+	var rnd [6]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return err
 	}
-	b.seq++
-	return filepath.Join(b.staging, fmt.Sprintf("%d", b.seq)), nil
+	dir := filepath.Join(b.store.dir, tmpPrefix+"-batch-"+hex.EncodeToString(rnd[:]))
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("create staging directory: %w", err)
+	}
+	b.staging = dir
+	return nil
 }
 
-// record adds a finished temporary file to the batch, or removes it when
-// another goroutine added the same digest meanwhile.
-func (b *Batch) record(tmp string, digest []byte, check bool) error {
-	h := hex.EncodeToString(digest)
+// claim reserves digest for the caller, who must then create the staged
+// file at the returned path (or call unclaim). It returns "" when the
+// object is already in the store or in the batch: nothing to write.
+func (b *Batch) claim(digest []byte, check bool) (string, error) {
 	b.mu.Lock()
-	_, dup := b.pending[h]
 	done := b.done
-	if !dup && !done {
-		b.pending[h] = pending{tmp: tmp, digest: digest, check: check}
-	}
 	b.mu.Unlock()
 	if done {
-		os.Remove(tmp)
-		return errors.New("object store batch committed or aborted while adding")
+		return "", errors.New("object store batch already committed or aborted")
 	}
-	if dup {
-		os.Remove(tmp)
+	if b.store.Has(digest) {
+		return "", nil
 	}
-	return nil
+	h := hex.EncodeToString(digest)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.stagingLocked(); err != nil {
+		return "", err
+	}
+	if _, ok := b.pending[h]; ok {
+		return "", nil
+	}
+	bucket := filepath.Join(b.staging, h[:2])
+	if !b.buckets[h[:2]] {
+		if err := os.Mkdir(bucket, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("create staging directory: %w", err)
+		}
+		// It may become the store's XX directory: 0755 whatever the umask.
+		if err := os.Chmod(bucket, 0o755); err != nil {
+			return "", fmt.Errorf("create staging directory: %w", err)
+		}
+		b.buckets[h[:2]] = true
+	}
+	p := filepath.Join(bucket, h[2:])
+	b.pending[h] = pending{tmp: p, digest: digest, check: check}
+	return p, nil
+}
+
+// unclaim removes the staged file of a claim that could not be written
+// and drops the claim. Should the partial file stay, Commit refuses: the
+// whole staging bucket may be moved into the store.
+func (b *Batch) unclaim(digest []byte, tmp string) {
+	err := unix.Unlink(tmp)
+	b.mu.Lock()
+	delete(b.pending, hex.EncodeToString(digest))
+	if err != nil && err != unix.ENOENT && b.broken == nil {
+		b.broken = fmt.Errorf("remove partial object %s: %w", tmp, err)
+	}
+	b.mu.Unlock()
+}
+
+// scratch returns a fresh path in the staging directory for content whose
+// digest is not known yet.
+func (b *Batch) scratch() (string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.stagingLocked(); err != nil {
+		return "", err
+	}
+	b.seq++
+	return filepath.Join(b.staging, tmpPrefix+strconv.Itoa(b.seq)), nil
 }
 
 // AddFile adds the regular file src as the object named digest, which the
@@ -247,27 +284,64 @@ func (b *Batch) AddFile(src string, digest []byte) error {
 	if len(digest) != b.store.alg.Size() {
 		return fmt.Errorf("add %s to object store: digest has %d bytes, want %d for %s", src, len(digest), b.store.alg.Size(), b.store.alg)
 	}
-	b.mu.Lock()
-	done := b.done
-	b.mu.Unlock()
-	if done {
-		return fmt.Errorf("add %s to object store: batch already committed or aborted", src)
+	tmp, err := b.claim(digest, true)
+	if err != nil {
+		return fmt.Errorf("add %s to object store: %w", src, err)
 	}
-	if b.store.Has(digest) {
-		return nil
-	}
-	tmp, err := b.reserve(hex.EncodeToString(digest))
-	if err != nil || tmp == "" {
-		if err != nil {
-			return fmt.Errorf("add %s to object store: %w", src, err)
-		}
+	if tmp == "" {
 		return nil
 	}
 	if err := copyToTemp(src, tmp); err != nil {
-		os.Remove(tmp)
+		b.unclaim(digest, tmp)
 		return fmt.Errorf("add %s to object store: %w", src, err)
 	}
-	return b.record(tmp, digest, true)
+	return nil
+}
+
+// objectMode is the mode of every object: world-readable, so that the
+// composefs mount can serve it to any user.
+const objectMode = 0o644
+
+// createObjectFile creates path exclusively with objectMode and returns
+// its descriptor. It uses the raw system calls: an os.File would register
+// every regular file with the poller and cost several fcntl and epoll
+// calls per object.
+func createObjectFile(path string) (int, error) {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, objectMode)
+	if err != nil {
+		return -1, &os.PathError{Op: "create", Path: path, Err: err}
+	}
+	// The umask may have narrowed the mode; objects are world-readable.
+	if err := unix.Fchmod(fd, objectMode); err != nil {
+		unix.Close(fd)
+		return -1, &os.PathError{Op: "chmod", Path: path, Err: err}
+	}
+	return fd, nil
+}
+
+// writeAll writes data to fd, retrying short writes.
+func writeAll(fd int, path string, data []byte) error {
+	for len(data) > 0 {
+		n, err := unix.Write(fd, data)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return &os.PathError{Op: "write", Path: path, Err: err}
+		}
+		if n == 0 {
+			return &os.PathError{Op: "write", Path: path, Err: io.ErrShortWrite}
+		}
+		data = data[n:]
+	}
+	return nil
+}
+
+func closeObjectFile(fd int, path string) error {
+	if err := unix.Close(fd); err != nil {
+		return &os.PathError{Op: "close", Path: path, Err: err}
+	}
+	return nil
 }
 
 func copyToTemp(src, tmp string) error {
@@ -283,16 +357,12 @@ func copyToTemp(src, tmp string) error {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return errors.New("not a regular file")
 	}
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	fd, err := createObjectFile(tmp)
 	if err != nil {
 		return err
 	}
+	out := os.NewFile(uintptr(fd), tmp)
 	if err := copyData(out, in, st.Size); err != nil {
-		out.Close()
-		return err
-	}
-	// The umask may have narrowed the mode; objects are world-readable.
-	if err := out.Chmod(0o644); err != nil {
 		out.Close()
 		return err
 	}
@@ -356,26 +426,90 @@ func checkShorter(in *os.File, size int64) error {
 }
 
 // copyBufPool holds the buffers AddReader streams through.
-var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// hasherPool holds fs-verity hashers, which keep their tree levels.
+var hasherPool sync.Pool
+
+func getHasher(alg fsverity.Algorithm) *fsverity.Hasher {
+	if h, ok := hasherPool.Get().(*fsverity.Hasher); ok && h.Algorithm() == alg {
+		h.Reset()
+		return h
+	}
+	return fsverity.New(alg)
+}
+
+// AddBytes adds data as an object and returns its fs-verity digest. The
+// digest is computed first, so content already in the store or in the
+// batch is never written, and a new object is written with one write.
+// data is not retained.
+func (b *Batch) AddBytes(data []byte) ([]byte, error) {
+	h := getHasher(b.store.alg)
+	h.Write(data)
+	digest := h.Sum()
+	hasherPool.Put(h)
+	tmp, err := b.claim(digest, false)
+	if err != nil {
+		return nil, fmt.Errorf("add to object store: %w", err)
+	}
+	if tmp == "" {
+		return digest, nil
+	}
+	if err := writeObjectFile(tmp, data); err != nil {
+		b.unclaim(digest, tmp)
+		return nil, fmt.Errorf("add to object store: %w", err)
+	}
+	return digest, nil
+}
+
+func writeObjectFile(path string, data []byte) error {
+	fd, err := createObjectFile(path)
+	if err != nil {
+		return err
+	}
+	if err := writeAll(fd, path, data); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	return closeObjectFile(fd, path)
+}
 
 // AddReader streams r into a new object, computing its fs-verity digest
-// in the same pass, and returns the digest and size. If the object already
-// exists, the copy is dropped.
+// in the same pass, and returns the digest and size. Content that fits
+// one buffer goes through AddBytes; bigger content is written to a scratch
+// name and renamed into the staging tree once its digest is known. If the
+// object already exists, the copy is dropped.
 func (b *Batch) AddReader(r io.Reader) ([]byte, int64, error) {
-	tmp, err := b.reserve("")
+	bp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bp)
+	buf := *bp
+	n, rerr := fill(r, buf)
+	if rerr == io.EOF {
+		d, err := b.AddBytes(buf[:n])
+		return d, int64(n), err
+	}
+	if rerr != nil {
+		return nil, 0, fmt.Errorf("add to object store: %w", rerr)
+	}
+	tmp, err := b.scratch()
 	if err != nil {
 		return nil, 0, fmt.Errorf("add to object store: %w", err)
 	}
-	digest, size, err := writeHashed(tmp, r, b.store.alg)
+	digest, size, err := writeHashed(tmp, buf[:n], r, buf, b.store.alg)
 	if err != nil {
-		os.Remove(tmp)
+		unix.Unlink(tmp)
 		return nil, 0, fmt.Errorf("add to object store: %w", err)
 	}
-	if b.store.Has(digest) {
-		os.Remove(tmp)
-		return digest, size, nil
+	final, err := b.claim(digest, false)
+	if err == nil && final != "" {
+		if err = os.Rename(tmp, final); err != nil {
+			b.unclaim(digest, final)
+		}
 	}
-	if err := b.record(tmp, digest, false); err != nil {
+	if err != nil || final == "" {
+		unix.Unlink(tmp)
+	}
+	if err != nil {
 		return nil, 0, fmt.Errorf("add to object store: %w", err)
 	}
 	return digest, size, nil
@@ -396,37 +530,39 @@ func fill(r io.Reader, buf []byte) (int, error) {
 	return n, nil
 }
 
-func writeHashed(tmp string, r io.Reader, alg fsverity.Algorithm) ([]byte, int64, error) {
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+// writeHashed writes first and then the rest of r (read through buf) to
+// a new file tmp, hashing as it goes.
+func writeHashed(tmp string, first []byte, r io.Reader, buf []byte, alg fsverity.Algorithm) ([]byte, int64, error) {
+	fd, err := createObjectFile(tmp)
 	if err != nil {
 		return nil, 0, err
 	}
-	defer out.Close()
-	h := fsverity.New(alg)
-	bp := copyBufPool.Get().(*[]byte)
-	defer copyBufPool.Put(bp)
-	buf := *bp
+	h := getHasher(alg)
+	defer hasherPool.Put(h)
+	chunk := first
 	var size int64
-	for {
-		n, rerr := fill(r, buf)
-		if n > 0 {
-			h.Write(buf[:n])
-			if _, err := out.Write(buf[:n]); err != nil {
+	for eof := false; ; {
+		if len(chunk) > 0 {
+			h.Write(chunk)
+			if err := writeAll(fd, tmp, chunk); err != nil {
+				unix.Close(fd)
 				return nil, 0, err
 			}
-			size += int64(n)
+			size += int64(len(chunk))
 		}
-		if rerr == io.EOF {
+		if eof {
 			break
 		}
-		if rerr != nil {
+		n, rerr := fill(r, buf)
+		chunk = buf[:n]
+		if rerr == io.EOF {
+			eof = true
+		} else if rerr != nil {
+			unix.Close(fd)
 			return nil, 0, rerr
 		}
 	}
-	if err := out.Chmod(0o644); err != nil {
-		return nil, 0, err
-	}
-	if err := out.Close(); err != nil {
+	if err := closeObjectFile(fd, tmp); err != nil {
 		return nil, 0, err
 	}
 	return h.Sum(), size, nil
@@ -434,10 +570,12 @@ func writeHashed(tmp string, r io.Reader, alg fsverity.Algorithm) ([]byte, int64
 
 // Commit makes every object of the batch durable and visible:
 //
-//  1. fs-verity is enabled on each temporary file (when the filesystem
+//  1. fs-verity is enabled on each staged file (when the filesystem
 //     supports it), so an object never appears under its name without it;
 //  2. one syncfs writes all their data, metadata and verity state;
-//  3. each is renamed to XX/<rest> (without replacing an existing object);
+//  3. each staging/XX directory becomes the store's XX directory with one
+//     rename when the store has no XX yet (a fresh store), else each file
+//     is renamed to XX/<rest> (without replacing an existing object);
 //  4. a second syncfs makes the renames and new XX directories durable.
 //
 // A crash at any point leaves complete named objects plus the staging
@@ -453,49 +591,68 @@ func (b *Batch) Commit() error {
 	for _, p := range b.pending {
 		items = append(items, p)
 	}
-	staging := b.staging
+	staging, broken := b.staging, b.broken
 	b.mu.Unlock()
 	if staging == "" {
 		return nil
 	}
 	s := b.store
-	tphase("commit")
 	sort.Slice(items, func(i, j int) bool { return bytes.Compare(items[i].digest, items[j].digest) < 0 })
 
-	if err := s.enableVerity(items); err != nil {
+	fail := func(err error) error {
 		os.RemoveAll(staging)
 		return fmt.Errorf("commit object store batch: %w", err)
+	}
+	if broken != nil {
+		return fail(broken)
+	}
+	if err := s.enableVerity(items); err != nil {
+		return fail(err)
 	}
 	if err := syncfs(s.dir); err != nil {
-		os.RemoveAll(staging)
-		return fmt.Errorf("commit object store batch: %w", err)
+		return fail(err)
 	}
-	tphase("syncfs1")
-	madeDir := map[string]bool{}
-	for _, p := range items {
-		final := s.Path(p.digest)
-		sub := filepath.Dir(final)
-		if !madeDir[sub] {
-			if err := os.Mkdir(sub, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-				os.RemoveAll(staging)
-				return fmt.Errorf("commit object store batch: %w", err)
-			}
-			madeDir[sub] = true
+	// items is sorted, so each bucket's objects are adjacent.
+	for i := 0; i < len(items); {
+		h := hex.EncodeToString(items[i].digest[:1])
+		j := i + 1
+		for j < len(items) && items[j].digest[0] == items[i].digest[0] {
+			j++
 		}
-		if err := renameNoReplace(p.tmp, final); err != nil {
-			if !errors.Is(err, os.ErrExist) {
-				os.RemoveAll(staging)
-				return fmt.Errorf("commit object store batch: %w", err)
-			}
-			os.Remove(p.tmp) // another batch committed the same object
+		if err := s.placeBucket(filepath.Join(staging, h), h, items[i:j]); err != nil {
+			return fail(err)
 		}
+		i = j
 	}
-	tphase("renames")
-	if err := os.Remove(staging); err != nil {
+	if err := os.RemoveAll(staging); err != nil {
 		return fmt.Errorf("commit object store batch: remove staging directory: %w", err)
 	}
 	if err := syncfs(s.dir); err != nil {
 		return fmt.Errorf("commit object store batch: %w", err)
+	}
+	return nil
+}
+
+// placeBucket moves the staged objects of one XX bucket into the store.
+func (s *Store) placeBucket(src, h string, items []pending) error {
+	final := filepath.Join(s.dir, h)
+	// The staging bucket holds exactly this batch's complete, synced
+	// objects of the bucket, so it can become the store's bucket whole.
+	err := renameNoReplace(src, final)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	for _, p := range items {
+		if err := renameNoReplace(p.tmp, s.Path(p.digest)); err != nil {
+			if !errors.Is(err, os.ErrExist) {
+				return err
+			}
+			// another batch committed the same object; RemoveAll of the
+			// staging directory drops this copy
+		}
 	}
 	return nil
 }
@@ -626,13 +783,4 @@ func (b *Batch) Abort() error {
 		return fmt.Errorf("abort object store batch: %w", err)
 	}
 	return nil
-}
-
-var tphaseLast = time.Now()
-
-func tphase(name string) {
-	if os.Getenv("BERTH_TIMING") != "" {
-		fmt.Fprintf(os.Stderr, "  store: %-10s %v\n", name, time.Since(tphaseLast))
-		tphaseLast = time.Now()
-	}
 }

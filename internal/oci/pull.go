@@ -387,7 +387,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 		toFetch = append(toFetch, j)
 	}
 
-	tphase("start")
 	batch := objects.NewBatch()
 	committed := false
 	defer func() {
@@ -398,7 +397,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 	if err := fetchLayers(ctx, src, toFetch, batch, opts, stats); err != nil {
 		return nil, err
 	}
-	tphase("fetched")
 	// The tree is built before anything is committed, so an image whose
 	// layers do not fit together leaves no trace in the store.
 	root := NewRoot()
@@ -407,7 +405,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, fmt.Errorf("layer %d (%s): %w", i, j.info.Digest, err)
 		}
 	}
-	tphase("applied")
 	if err := batch.Commit(); err != nil {
 		return nil, fmt.Errorf("commit objects: %w", err)
 	}
@@ -418,7 +415,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, fmt.Errorf("save index of layer %s: %w", j.diffID, err)
 		}
 	}
-	tphase("indexes")
 	kernels, err := FindKernels(root)
 	var nk *NoKernelError
 	if err != nil && !errors.As(err, &nk) {
@@ -436,7 +432,6 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 			return nil, err
 		}
 	}
-	tphase("image")
 	files, size := treeStats(root)
 	img := &Image{
 		ManifestDigest:  md.String(),
@@ -535,6 +530,11 @@ type countingSink struct {
 func (c *countingSink) AddReader(r io.Reader) ([]byte, int64, error) {
 	c.n.Add(1)
 	return c.b.AddReader(r)
+}
+
+func (c *countingSink) AddBytes(data []byte) ([]byte, error) {
+	c.n.Add(1)
+	return c.b.AddBytes(data)
 }
 
 // fetchLayer streams one layer blob: the blob digest is checked on the
@@ -700,13 +700,4 @@ func treeStats(root *composefs.Inode) (files int, size int64) {
 	}
 	walk(root)
 	return files, size
-}
-
-var tphaseLast = time.Now()
-
-func tphase(name string) {
-	if os.Getenv("BERTH_TIMING") != "" {
-		fmt.Fprintf(os.Stderr, "timing: %-10s %v\n", name, time.Since(tphaseLast))
-		tphaseLast = time.Now()
-	}
 }
