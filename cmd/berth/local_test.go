@@ -52,7 +52,7 @@ func TestDiffResetCLI(t *testing.T) {
 	if got, want := runCLI(t, "diff", "--sysroot", sysroot), "deployment "+id+": 2 local changes\nM /etc/hostname\nD /etc/motd\n"; got != want {
 		t.Fatalf("berth diff:\n%s\nwant:\n%s", got, want)
 	}
-	if got, want := runCLI(t, "reset", "--sysroot", sysroot, "/etc/hostname"), "deployment "+id+": reset 1 paths, 1 changes removed\nM /etc/hostname\n"; got != want {
+	if got, want := runCLI(t, "reset", "--sysroot", sysroot, "/etc/hostname"), "deployment "+id+": reset 1 path, 1 changes removed\nM /etc/hostname\n"; got != want {
 		t.Fatalf("berth reset:\n%s\nwant:\n%s", got, want)
 	}
 	var dr localchanges.DiffResult
