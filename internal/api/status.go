@@ -354,11 +354,8 @@ func SplitRef(ref string) ImageReference {
 // mounts the ESP the boot loader ran from at boot.LoaderESPDir (root
 // only). "" if none.
 func FindESP(sysroot string) string {
-	for _, c := range []string{"efi", "boot/efi", "boot"} {
-		d := filepath.Join(sysroot, c)
-		if fi, err := os.Stat(filepath.Join(d, "loader")); err == nil && fi.IsDir() {
-			return d
-		}
+	if d := boot.MountedESP(sysroot); d != "" {
+		return d
 	}
 	if filepath.Clean(sysroot) != "/" || deploy.BootedID("/") == "" {
 		return ""

@@ -19,6 +19,18 @@ import (
 // not mount one; /run keeps berth out of the image's own /efi and /boot.
 const LoaderESPDir = "/run/berth/esp"
 
+// MountedESP returns the ESP (or XBOOTLDR) mounted below sysroot that
+// holds systemd-boot's loader directory: efi, boot/efi or boot. "" if none.
+func MountedESP(sysroot string) string {
+	for _, c := range []string{"efi", "boot/efi", "boot"} {
+		d := filepath.Join(sysroot, c)
+		if fi, err := os.Stat(filepath.Join(d, "loader")); err == nil && fi.IsDir() {
+			return d
+		}
+	}
+	return ""
+}
+
 // LoaderESP finds the ESP systemd-boot (or systemd-stub) was started from:
 // the partition whose GPT partition UUID the loader put in the
 // LoaderDevicePartUUID EFI variable.

@@ -18,6 +18,7 @@ import (
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -184,7 +185,7 @@ func TestPrepareMergeAndCarry(t *testing.T) {
 	must(t, os.WriteFile(m("opt/new/file"), []byte("in my dir\n"), 0o644))
 	must(t, composefs.Unmount(mnt))
 	for p, x := range map[string]string{"usr/bin/tool": "trusted.overlay.metacopy", "usr/share/doc2": "trusted.overlay.redirect", "usr/share/icons": "trusted.overlay.opaque"} {
-		if _, ok := xattr(filepath.Join(l.Deployment(old.ID), "upper", p), x); !ok {
+		if _, ok := overlay.Xattr(filepath.Join(l.Deployment(old.ID), "upper", p), x); !ok {
 			t.Logf("note: the upper's %s has no %s here; that case is not exercised", p, x)
 		}
 	}
@@ -243,7 +244,7 @@ func TestPrepareMergeAndCarry(t *testing.T) {
 	if fi, err := os.Lstat(filepath.Join(dir, "local-aside/opt/new")); err != nil || !fi.IsDir() || fi.Mode().Perm() != 0o750 {
 		t.Errorf("kept local /opt/new: %v %v", fi, err)
 	}
-	if v, ok := xattr(kept, "user.note"); !ok || v != "mine" {
+	if v, ok := overlay.Xattr(kept, "user.note"); !ok || v != "mine" {
 		t.Errorf("kept local /usr/lib/changed lost its xattr: %q %v", v, ok)
 	}
 

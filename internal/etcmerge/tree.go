@@ -227,24 +227,3 @@ func readXattrs(p string) (map[string]string, error) {
 	}
 	return out, nil
 }
-
-func isWhiteout(p string) bool {
-	var st unix.Stat_t
-	if unix.Lstat(p, &st) != nil {
-		return false
-	}
-	if st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0 {
-		return true
-	}
-	if st.Mode&unix.S_IFMT == unix.S_IFREG && st.Size == 0 {
-		_, err := unix.Lgetxattr(p, "trusted.overlay.whiteout", nil)
-		return err == nil
-	}
-	return false
-}
-
-func isOpaque(p string) bool {
-	v := make([]byte, 8)
-	n, err := unix.Lgetxattr(p, "trusted.overlay.opaque", v)
-	return err == nil && string(v[:n]) == "y"
-}

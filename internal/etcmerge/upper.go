@@ -9,9 +9,8 @@ import (
 	"sort"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/overlay"
 )
 
 // MaxUpperEntries bounds what ReadUpper keeps in memory (in the
@@ -61,7 +60,7 @@ func ReadUpper(lower *composefs.Inode, objects, upper string, skip func(rel stri
 	}
 	r := &upperReader{c: c, root: lower, objects: objects, skip: skip}
 	lowerRoot := lower
-	if isOpaque(upper) {
+	if overlay.IsOpaque(upper) {
 		r.replace("", lower)
 		lowerRoot = nil
 	}
@@ -164,7 +163,7 @@ func (r *upperReader) dir(up, rel string, lowerDir *composefs.Inode) error {
 		if lowerDir != nil {
 			lc = lowerDir.Children[name]
 		}
-		if isWhiteout(fp) {
+		if overlay.IsWhiteout(fp, nil) {
 			r.c.Entries[p] = nil
 			r.replace(p, lc)
 			continue
@@ -173,13 +172,13 @@ func (r *upperReader) dir(up, rel string, lowerDir *composefs.Inode) error {
 		if err != nil {
 			return err
 		}
-		redirect, hasRedirect := xattr(fp, "trusted.overlay.redirect")
+		redirect, hasRedirect := overlay.Xattr(fp, overlay.XattrRedirect)
 		switch e.Type {
 		case Dir:
 			r.c.Entries[p] = e
 			src := lc
 			switch {
-			case isOpaque(fp):
+			case overlay.IsOpaque(fp):
 				src = nil
 			case hasRedirect:
 				src = r.redirectTarget(redirect, lowerDir)
@@ -199,7 +198,7 @@ func (r *upperReader) dir(up, rel string, lowerDir *composefs.Inode) error {
 				return err
 			}
 		default:
-			if _, meta := xattr(fp, "trusted.overlay.metacopy"); meta && e.Type == File {
+			if _, meta := overlay.Xattr(fp, overlay.XattrMetacopy); meta && e.Type == File {
 				// Only metadata was copied up: the data is the lower file's.
 				src := lc
 				if hasRedirect {
@@ -221,13 +220,4 @@ func (r *upperReader) dir(up, rel string, lowerDir *composefs.Inode) error {
 		}
 	}
 	return nil
-}
-
-func xattr(p, key string) (string, bool) {
-	buf := make([]byte, 4096)
-	n, err := unix.Lgetxattr(p, key, buf)
-	if err != nil {
-		return "", false
-	}
-	return string(buf[:n]), true
 }

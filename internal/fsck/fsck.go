@@ -471,12 +471,7 @@ func (c *checker) deployments() error {
 func (c *checker) bootEntries() error {
 	esp := c.opts.ESP
 	if esp == "" {
-		for _, d := range []string{"efi", "boot/efi", "boot"} {
-			if fi, err := os.Stat(filepath.Join(c.opts.Sysroot, d, "loader")); err == nil && fi.IsDir() {
-				esp = filepath.Join(c.opts.Sysroot, d)
-				break
-			}
-		}
+		esp = boot.MountedESP(c.opts.Sysroot)
 	}
 	if esp == "" {
 		return nil

@@ -26,18 +26,8 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
-)
-
-// Overlayfs xattrs that encode the layer structure.
-const (
-	XattrOpaque   = "trusted.overlay.opaque"
-	XattrWhiteout = "trusted.overlay.whiteout"
-	XattrRedirect = "trusted.overlay.redirect"
-	XattrMetacopy = "trusted.overlay.metacopy"
-	// XattrPrefix is the namespace overlayfs keeps to itself (origin,
-	// impure, nlink, ...): never part of a file's content.
-	XattrPrefix = "trusted.overlay."
 )
 
 // Change is one local change of a deployment.
@@ -146,9 +136,9 @@ func classify(root *composefs.Inode, p, rel string, fi os.FileInfo) (c Change, l
 	inImage := root.Lookup(rel)
 	c = Change{Path: "/" + rel, Type: typeName(fi.Mode())}
 	switch {
-	case IsWhiteout(p, fi):
+	case overlay.IsWhiteout(p, fi):
 		c.Kind, c.Type = KindDeleted, ""
-	case fi.IsDir() && (IsOpaque(p) || hasXattr(p, XattrRedirect)):
+	case fi.IsDir() && (overlay.IsOpaque(p) || hasRedirect(p)):
 		// An opaque directory hides the image's; a redirected one (renamed
 		// in the overlay) takes its content from elsewhere in the image.
 		// Either stands for everything below it. (overlayfs makes every
@@ -191,28 +181,7 @@ func typeName(m os.FileMode) string {
 	return "other"
 }
 
-// IsWhiteout reports whether the upper entry p is an overlayfs whiteout.
-func IsWhiteout(p string, fi os.FileInfo) bool {
-	if fi.Mode()&os.ModeCharDevice != 0 {
-		var st unix.Stat_t
-		return unix.Lstat(p, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0
-	}
-	return fi.Mode().IsRegular() && fi.Size() == 0 && hasXattr(p, XattrWhiteout)
-}
-
-// IsOpaque reports whether the upper directory p hides the image's.
-func IsOpaque(p string) bool { return xattrValue(p, XattrOpaque) == "y" }
-
-func hasXattr(p, key string) bool {
-	_, err := unix.Lgetxattr(p, key, nil)
-	return err == nil
-}
-
-func xattrValue(p, key string) string {
-	buf := make([]byte, 256)
-	n, err := unix.Lgetxattr(p, key, buf)
-	if err != nil {
-		return ""
-	}
-	return string(buf[:n])
+func hasRedirect(p string) bool {
+	_, ok := overlay.Xattr(p, overlay.XattrRedirect)
+	return ok
 }

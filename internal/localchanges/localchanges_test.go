@@ -356,12 +356,6 @@ func TestReadPendingResetRejectsGarbage(t *testing.T) {
 	}
 }
 
-func TestMountinfoUnescape(t *testing.T) {
-	if got := unescapeMountinfo(`/a\040b\134c`); got != `/a b\c` {
-		t.Fatalf("%q", got)
-	}
-}
-
 // A recorded reset of a renamed directory and its origin is applied
 // together; one of them alone is skipped at boot when the other stays.
 func TestPendingResetRenamedDir(t *testing.T) {

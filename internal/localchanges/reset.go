@@ -15,6 +15,7 @@ import (
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/fsutil"
+	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -432,7 +433,7 @@ type redirectConflict struct {
 func redirects(upper string) ([]redirect, error) {
 	var out []redirect
 	err := walkUpper(upper, "", func(rel string, fi os.FileInfo) (bool, error) {
-		v := xattrValue(filepath.Join(upper, rel), XattrRedirect)
+		v, _ := overlay.Xattr(filepath.Join(upper, rel), overlay.XattrRedirect)
 		if v == "" {
 			return false, nil
 		}
@@ -466,7 +467,7 @@ func target(root *composefs.Inode, upper, rel string) (string, error) {
 		// an upper entry (where the image has none, there is nothing to
 		// bring back, and removing the entry is the reset).
 		switch {
-		case IsWhiteout(p, fi):
+		case overlay.IsWhiteout(p, fi):
 			if inImage {
 				return "", refuse("/%s is deleted locally, and /%s with it; reset /%s instead", anc, rel, anc)
 			}
@@ -476,10 +477,10 @@ func target(root *composefs.Inode, upper, rel string) (string, error) {
 				return "", refuse("/%s was replaced locally by a non-directory; reset /%s instead", anc, anc)
 			}
 			return "", nil
-		case hasXattr(p, XattrRedirect):
+		case hasRedirect(p):
 			// Its content below comes from another image path.
 			return "", refuse("/%s was renamed or moved locally; reset /%s instead", anc, anc)
-		case IsOpaque(p) && inImage:
+		case overlay.IsOpaque(p) && inImage:
 			return "", refuse("/%s replaces the image's directory as a whole (opaque); reset /%s instead", anc, anc)
 		}
 	}
@@ -595,30 +596,13 @@ func mountedAt(upper string) string {
 			continue
 		}
 		for _, o := range strings.Split(rf[2], ",") {
-			if v, ok := strings.CutPrefix(o, "upperdir="); ok && filepath.Clean(unescapeMountinfo(v)) == want {
-				return unescapeMountinfo(lf[4])
+			if v, ok := strings.CutPrefix(o, "upperdir="); ok && filepath.Clean(fsutil.UnescapeMountinfo(v)) == want {
+				return fsutil.UnescapeMountinfo(lf[4])
 			}
 		}
 	}
 	return ""
 }
-
-// unescapeMountinfo undoes the octal escapes (\040 for a space, ...) of
-// /proc/self/mountinfo.
-func unescapeMountinfo(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
-			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
-			i += 3
-			continue
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 
 func dedupe(s []string) []string {
 	sort.Strings(s)

@@ -536,30 +536,11 @@ func checkMountPoint(p string) error {
 	}
 	for _, l := range strings.Split(string(mi), "\n") {
 		f := strings.Fields(l)
-		if len(f) > 4 && unescapeMountinfo(f[4]) == p {
+		if len(f) > 4 && fsutil.UnescapeMountinfo(f[4]) == p {
 			return nil
 		}
 	}
 	return fmt.Errorf("%s is not a mount point", p)
-}
-
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var c byte
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &c); err == nil {
-				b.WriteByte(c)
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 func ensureWritable(p string) error {

@@ -28,6 +28,7 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/localchanges"
 	"github.com/berth-dev/berth/internal/oci"
+	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -286,7 +287,7 @@ func TestCommitPullRoundTrip(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(localchanges.UpperDir(l, d.ID), "usr/bin/hello")); err != nil || fi.Size() != int64(len(helloBytes)) {
 		t.Fatalf("upper usr/bin/hello: %v %v", fi, err)
 	}
-	if _, ok := xattr(filepath.Join(localchanges.UpperDir(l, d.ID), "usr/bin/hello"), localchanges.XattrMetacopy); !ok {
+	if _, ok := overlay.Xattr(filepath.Join(localchanges.UpperDir(l, d.ID), "usr/bin/hello"), overlay.XattrMetacopy); !ok {
 		t.Fatal("chmod did not make a metacopy upper file; the test does not cover metacopy")
 	}
 	want := snapshot(t, mnt, sharedSkip)
@@ -338,7 +339,7 @@ func TestCommitPullRoundTrip(t *testing.T) {
 	if fi, err := os.Lstat(filepath.Join(got, "usr/bin/hello")); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Errorf("/usr/bin/hello: %v %v", fi, err)
 	}
-	if v, ok := xattr(filepath.Join(got, "usr/bin/hello"), "user.origin"); !ok || v != "image" {
+	if v, ok := overlay.Xattr(filepath.Join(got, "usr/bin/hello"), "user.origin"); !ok || v != "image" {
 		t.Errorf("/usr/bin/hello xattr: %q %v", v, ok)
 	}
 

@@ -17,6 +17,7 @@ import (
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/localchanges"
+	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -154,7 +155,7 @@ func (lw *layerWriter) walkUpper(rel string) error {
 		if err != nil {
 			return err
 		}
-		if localchanges.IsWhiteout(up, fi) {
+		if overlay.IsWhiteout(up, fi) {
 			if err := lw.marker(path.Join(rel, ".wh."+name)); err != nil {
 				return err
 			}
@@ -168,8 +169,8 @@ func (lw *layerWriter) walkUpper(rel string) error {
 			continue
 		}
 		inImage := lw.image.Lookup(crel)
-		_, redirected := xattr(up, localchanges.XattrRedirect)
-		opaque := localchanges.IsOpaque(up)
+		_, redirected := overlay.Xattr(up, overlay.XattrRedirect)
+		opaque := overlay.IsOpaque(up)
 		if isAncestorOfPerDeployment(crel) || (!opaque && !redirected && inImage != nil && inImage.IsDir()) {
 			// A directory of the image that holds changes below it.
 			if err := lw.walkUpper(crel); err != nil {
@@ -323,25 +324,12 @@ func xattrs(p string) (map[string]string, error) {
 	}
 	out := map[string]string{}
 	for _, k := range strings.Split(strings.TrimRight(string(buf[:size]), "\x00"), "\x00") {
-		if k == "" || strings.HasPrefix(k, localchanges.XattrPrefix) || strings.HasPrefix(k, "user.overlay.") {
+		if k == "" || strings.HasPrefix(k, overlay.XattrPrefix) || strings.HasPrefix(k, "user.overlay.") {
 			continue
 		}
-		if v, ok := xattr(p, k); ok {
+		if v, ok := overlay.Xattr(p, k); ok {
 			out[k] = v
 		}
 	}
 	return out, nil
-}
-
-func xattr(p, key string) (string, bool) {
-	n, err := unix.Lgetxattr(p, key, nil)
-	if err != nil {
-		return "", false
-	}
-	buf := make([]byte, n)
-	n, err = unix.Lgetxattr(p, key, buf)
-	if err != nil {
-		return "", false
-	}
-	return string(buf[:n]), true
 }
