@@ -1,8 +1,6 @@
 package deploy
 
 import (
-	"bytes"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -12,26 +10,9 @@ import (
 	"github.com/berth-dev/berth/internal/cmdline"
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/fsutil"
-	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
 )
-
-// VerityPendingFile is the marker (below repo/) that says fs-verity could
-// not be enabled on some objects or images when they were written (the
-// installing kernel lacked it). berth-init enables verity on every object
-// and image of the store at the next boot when it finds the marker, before
-// it measures anything; that is safe because the digests it then checks
-// come from the UKI, not from the files.
-const VerityPendingFile = "verity-pending"
-
-// VerityPendingPath returns the marker's path.
-func VerityPendingPath(l store.Layout) string { return filepath.Join(l.Repo(), VerityPendingFile) }
-
-// MarkVerityPending writes the marker (crash-safe, idempotent).
-func MarkVerityPending(l store.Layout, reason string) error {
-	return fsutil.WriteFileAtomic(VerityPendingPath(l), []byte(reason+"\n"), 0o644)
-}
 
 // CreateOptions describe a new deployment.
 type CreateOptions struct {
@@ -104,6 +85,14 @@ func Create(l store.Layout, opts CreateOptions) (*CreateResult, error) {
 		return nil, err
 	}
 	defer unlock()
+	// Shared repository lock from the first object written until the
+	// deployment that references them is renamed into place: a cleanup
+	// in between would delete them as unreferenced.
+	repoLock, err := l.LockShared()
+	if err != nil {
+		return nil, fmt.Errorf("create deployment: %w", err)
+	}
+	defer repoLock.Unlock()
 	if _, err := cleanupLocked(l); err != nil {
 		return nil, fmt.Errorf("create deployment: %w", err)
 	}
@@ -125,15 +114,14 @@ func Create(l store.Layout, opts CreateOptions) (*CreateResult, error) {
 		res.Runtime = rr
 	}
 
-	digest, pending, err := writeImage(l, opts.Tree)
+	hexDigest, pending, err := l.AddImage(opts.Tree)
 	if err != nil {
 		return nil, fmt.Errorf("create deployment: %w", err)
 	}
 	res.VerityPending = res.VerityPending || pending
-	hexDigest := hex.EncodeToString(digest)
 	res.ImagePath = l.Image(hexDigest)
 	if res.VerityPending {
-		if err := MarkVerityPending(l, "fs-verity could not be enabled when deployment files were written"); err != nil {
+		if err := l.MarkVerityPending("fs-verity could not be enabled when deployment files were written"); err != nil {
 			return nil, fmt.Errorf("create deployment: %w", err)
 		}
 	}
@@ -222,107 +210,4 @@ func modeBits(mode uint32) os.FileMode {
 		m |= os.ModeSticky
 	}
 	return m
-}
-
-// writeImage writes the composefs image of root to repo/images/<digest>
-// (unless it is already there), with fs-verity enabled when the
-// filesystem can. pending is true when it could not.
-func writeImage(l store.Layout, root *composefs.Inode) (digest []byte, pending bool, err error) {
-	var buf bytes.Buffer
-	if err := composefs.Write(&buf, root, composefs.WriteOptions{}); err != nil {
-		return nil, false, fmt.Errorf("write composefs image: %w", err)
-	}
-	digest, err = fsverity.Digest(bytes.NewReader(buf.Bytes()), fsverity.SHA256)
-	if err != nil {
-		return nil, false, fmt.Errorf("composefs image digest: %w", err)
-	}
-	final := l.Image(hex.EncodeToString(digest))
-	if fi, err := os.Stat(final); err == nil && fi.Mode().IsRegular() {
-		pending, err = verityMissing(final, digest)
-		if err != nil {
-			return nil, false, err
-		}
-		// Without verity the name proves nothing: compare the bytes, and
-		// write the image again below if they differ.
-		if old, err := os.ReadFile(final); !pending || (err == nil && bytes.Equal(old, buf.Bytes())) {
-			return digest, pending, nil
-		}
-	}
-	f, err := os.CreateTemp(l.Images(), ".tmp-image-")
-	if err != nil {
-		return nil, false, fmt.Errorf("write composefs image: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	_, werr := f.Write(buf.Bytes())
-	if werr == nil {
-		werr = f.Chmod(0o644)
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return nil, false, fmt.Errorf("write composefs image %s: %w", tmp, werr)
-	}
-	pending, err = enableVerity(tmp, digest)
-	if err != nil {
-		return nil, false, err
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		return nil, false, fmt.Errorf("write composefs image: %w", err)
-	}
-	if err := fsutil.SyncDir(l.Images()); err != nil {
-		return nil, false, err
-	}
-	return digest, pending, nil
-}
-
-// enableVerity turns on fs-verity for a finished file and checks the
-// kernel's measurement; pending is true when the filesystem lacks fs-verity.
-func enableVerity(path string, digest []byte) (pending bool, err error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return false, fmt.Errorf("enable fs-verity on %s: %w", path, err)
-	}
-	defer f.Close()
-	if err := fsverity.Enable(f, fsverity.SHA256); err != nil {
-		if errors.Is(err, fsverity.ErrNotSupported) {
-			return true, nil
-		}
-		return false, fmt.Errorf("enable fs-verity on %s: %w", path, err)
-	}
-	_, got, err := fsverity.Measure(f)
-	if err != nil {
-		return false, fmt.Errorf("measure %s: %w", path, err)
-	}
-	if !bytes.Equal(got, digest) {
-		return false, fmt.Errorf("composefs image %s: kernel measured %x, expected %x", path, got, digest)
-	}
-	return false, nil
-}
-
-// verityMissing checks an existing image: verity enabled with the right
-// digest (false), not enabled (tries to enable; true if unsupported), or
-// wrong (error).
-func verityMissing(path string, digest []byte) (bool, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return false, fmt.Errorf("composefs image %s: %w", path, err)
-	}
-	_, got, err := fsverity.Measure(f)
-	f.Close()
-	switch {
-	case err == nil && bytes.Equal(got, digest):
-		return false, nil
-	case err == nil:
-		return false, fmt.Errorf("composefs image %s: kernel measured %x, expected %x (corrupt store?)", path, got, digest)
-	case errors.Is(err, fsverity.ErrNotEnabled):
-		return enableVerity(path, digest)
-	case errors.Is(err, fsverity.ErrNotSupported):
-		return true, nil
-	}
-	return false, fmt.Errorf("measure %s: %w", path, err)
 }

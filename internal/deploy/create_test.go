@@ -145,7 +145,7 @@ func TestCreate(t *testing.T) {
 		t.Errorf("state/var not seeded from the image: %q", b)
 	}
 	// This host has no fs-verity: the marker must say so for the first boot.
-	if _, err := os.Stat(deploy.VerityPendingPath(l)); res.VerityPending != (err == nil) {
+	if _, err := os.Stat(l.VerityPendingPath()); res.VerityPending != (err == nil) {
 		t.Errorf("VerityPending=%v but marker stat: %v", res.VerityPending, err)
 	}
 

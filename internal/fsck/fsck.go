@@ -129,8 +129,8 @@ func Check(opts Options) (*Report, error) {
 		referenced: map[string]bool{}, images: map[string]bool{}, imageUsers: map[string]bool{}}
 	// Shared like an import: a cleanup cannot remove files while we
 	// look; imports may go on (their temporaries show as warnings).
-	if unlock, err := oci.LockRepo(opts.Sysroot, false); err == nil {
-		defer unlock()
+	if lock, err := l.LockShared(); err == nil {
+		defer lock.Unlock()
 	} else {
 		c.rep.warn(l.Repo(), "", "could not take the repository lock (%v): a concurrent cleanup may cause false findings", err)
 	}

@@ -42,18 +42,28 @@ func sha(b []byte) string {
 // extra is the content of one more file (another image for each value).
 func writeLayout(t *testing.T, dir, extra string) {
 	t.Helper()
+	must(t, writeLayoutErr(dir, extra))
+}
+
+// writeLayoutErr is writeLayout for callers without a *testing.T (the race
+// test's child processes).
+func writeLayoutErr(dir, extra string) error {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
+	var err error
 	add := func(name, body string, typ byte) {
+		if err != nil {
+			return
+		}
 		h := &tar.Header{Name: name, Typeflag: typ, Mode: 0o644, ModTime: time.Unix(1700000000, 0), Format: tar.FormatPAX}
 		if typ == tar.TypeDir {
 			h.Mode = 0o755
 		} else {
 			h.Size = int64(len(body))
 		}
-		must(t, tw.WriteHeader(h))
-		_, err := io.WriteString(tw, body)
-		must(t, err)
+		if err = tw.WriteHeader(h); err == nil {
+			_, err = io.WriteString(tw, body)
+		}
 	}
 	add("etc/", "", tar.TypeDir)
 	add("etc/hostname", "fsck\n", tar.TypeReg)
@@ -66,7 +76,12 @@ func writeLayout(t *testing.T, dir, extra string) {
 	add("usr/lib/modules/6.12.0-fsck/", "", tar.TypeDir)
 	add("usr/lib/modules/6.12.0-fsck/vmlinuz", strings.Repeat("kernel\n", 40), tar.TypeReg)
 	add("usr/bin/extra", extra, tar.TypeReg)
-	must(t, tw.Close())
+	if err != nil {
+		return err
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
 	layer := buf.Bytes()
 	cfg, _ := json.Marshal(map[string]any{"architecture": "amd64", "os": "linux", "rootfs": map[string]any{"type": "layers", "diff_ids": []string{sha(layer)}}})
 	man, _ := json.Marshal(map[string]any{
@@ -77,12 +92,18 @@ func writeLayout(t *testing.T, dir, extra string) {
 	idx, _ := json.Marshal(map[string]any{"schemaVersion": 2, "manifests": []any{map[string]any{
 		"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(man), "size": len(man),
 		"annotations": map[string]string{"org.opencontainers.image.ref.name": "v1"}}}})
-	must(t, os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755))
-	for _, b := range [][]byte{layer, cfg, man} {
-		must(t, os.WriteFile(filepath.Join(dir, "blobs", "sha256", sha(b)[7:]), b, 0o644))
+	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
+		return err
 	}
-	must(t, os.WriteFile(filepath.Join(dir, "index.json"), idx, 0o644))
-	must(t, os.WriteFile(filepath.Join(dir, "oci-layout"), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644))
+	for _, b := range [][]byte{layer, cfg, man} {
+		if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", sha(b)[7:]), b, 0o644); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "index.json"), idx, 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "oci-layout"), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644)
 }
 
 type fixture struct {

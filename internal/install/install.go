@@ -354,10 +354,10 @@ func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string
 			return perr
 		}
 		res.VerityPending = true
-		if err := deploy.MarkVerityPending(l, "the installing kernel could not enable fs-verity; berth-init enables it at first boot"); err != nil {
+		if err := l.MarkVerityPending("the installing kernel could not enable fs-verity; berth-init enables it at first boot"); err != nil {
 			return err
 		}
-		opts.Progress.Message("fs-verity is not available on this machine's kernel: berth-init enables it at first boot (marker berth/repo/%s)", deploy.VerityPendingFile)
+		opts.Progress.Message("fs-verity is not available on this machine's kernel: berth-init enables it at first boot (marker berth/repo/%s)", store.VerityPendingFile)
 	}
 
 	rt := opts.Runtime

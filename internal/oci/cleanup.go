@@ -27,17 +27,6 @@ type CleanupReport struct {
 	BytesFreed          int64 `json:"bytes_freed"`
 }
 
-// LockRepo takes the repository lock: shared for anything that adds
-// objects or images (imports, deployments), exclusive for Cleanup. Call
-// the returned function to release it.
-func LockRepo(sysroot string, exclusive bool) (unlock func(), err error) {
-	l, err := lockRepo(sysroot, exclusive)
-	if err != nil {
-		return nil, err
-	}
-	return l.Unlock, nil
-}
-
 // Cleanup removes what nothing references. A composefs image is live when
 // an image record or a deployment (<sysroot>/berth/deploy/*/deployment.json,
 // field "composefs_digest") names it; an object is live when a live image
@@ -50,7 +39,7 @@ func Cleanup(sysroot string) (*CleanupReport, error) {
 	if _, err := os.Stat(l.Repo()); errors.Is(err, os.ErrNotExist) {
 		return &CleanupReport{}, nil
 	}
-	lock, err := lockRepo(sysroot, true)
+	lock, err := l.LockExclusive()
 	if err != nil {
 		return nil, err
 	}

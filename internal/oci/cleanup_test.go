@@ -108,7 +108,7 @@ func TestCleanup(t *testing.T) {
 func TestCleanupWaitsForImport(t *testing.T) {
 	sysroot := t.TempDir()
 	must(t, store.At(sysroot).Init())
-	unlock, err := LockRepo(sysroot, false)
+	lock, err := store.At(sysroot).LockShared()
 	must(t, err)
 	done := make(chan error, 1)
 	go func() { _, err := Cleanup(sysroot); done <- err }()
@@ -117,7 +117,7 @@ func TestCleanupWaitsForImport(t *testing.T) {
 		t.Fatalf("cleanup ran while an import held the lock: %v", err)
 	case <-time.After(300 * time.Millisecond):
 	}
-	unlock()
+	lock.Unlock()
 	select {
 	case err := <-done:
 		must(t, err)

@@ -9,7 +9,6 @@ package oci
 import (
 	"bufio"
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -119,7 +118,7 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	if err := ensureDirs(sysroot); err != nil {
 		return nil, err
 	}
-	lock, err := lockRepo(sysroot, false)
+	lock, err := store.At(sysroot).LockShared()
 	if err != nil {
 		return nil, err
 	}
@@ -420,7 +419,7 @@ func importImage(ctx context.Context, src types.ImageSource, instance *digest.Di
 	if err != nil && !errors.As(err, &nk) {
 		return nil, err
 	}
-	cfsHex, err := writeImage(sysroot, root)
+	cfsHex, _, err := store.At(sysroot).AddImage(root)
 	if err != nil {
 		return nil, err
 	}
@@ -654,32 +653,6 @@ func saveBlob(sysroot string, d digest.Digest, data []byte) error {
 		return nil
 	}
 	return fsutil.WriteFileAtomic(p, data, 0o644)
-}
-
-// writeImage writes the composefs image under a temporary name (its digest
-// is only known once written) and renames it to repo/images/<digest>.
-func writeImage(sysroot string, root *composefs.Inode) (string, error) {
-	l := store.At(sysroot)
-	tmp := filepath.Join(l.Images(), fmt.Sprintf(".tmp-import-%d-%d", os.Getpid(), time.Now().UnixNano()))
-	d, err := composefs.WriteImageFile(tmp, root, composefs.WriteOptions{})
-	if err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("write composefs image: %w", err)
-	}
-	h := hex.EncodeToString(d)
-	final := l.Image(h)
-	if _, err := os.Stat(final); err == nil {
-		os.Remove(tmp)
-		return h, nil
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("write composefs image: %w", err)
-	}
-	if err := fsutil.SyncDir(l.Images()); err != nil {
-		return "", err
-	}
-	return h, nil
 }
 
 // treeStats counts the entries of a tree and the content bytes of its

@@ -15,7 +15,6 @@ import (
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/store"
-	"golang.org/x/sys/unix"
 )
 
 // Layer describes one layer of an imported image.
@@ -256,39 +255,6 @@ func isHex(s string) bool {
 	}
 	return true
 }
-
-// repoLock is an flock on repo/.lock: imports hold it shared, cleanup
-// exclusive, so cleanup never removes an object an import is about to
-// reference.
-type repoLock struct{ f *os.File }
-
-func lockRepo(sysroot string, exclusive bool) (*repoLock, error) {
-	p := filepath.Join(store.At(sysroot).Repo(), ".lock")
-	if err := fsutil.MkdirAllSync(filepath.Dir(p), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open repository lock: %w", err)
-	}
-	how := unix.LOCK_SH
-	if exclusive {
-		how = unix.LOCK_EX
-	}
-	for {
-		err = unix.Flock(int(f.Fd()), how)
-		if err != unix.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock repository %s: %w", p, err)
-	}
-	return &repoLock{f: f}, nil
-}
-
-func (l *repoLock) Unlock() { l.f.Close() }
 
 // recordedWithConfig returns a record of an image with this config whose
 // composefs image is present, or nil.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/store"
 )
 
 // seal finishes an installation made on a kernel without fs-verity: when
@@ -25,7 +26,7 @@ import (
 // is checked afterwards. A power cut leaves the marker in place and the
 // next boot resumes (files already sealed are skipped).
 func (s *setup) seal() error {
-	marker := filepath.Join(s.l.Repo(), VerityPendingMarker)
+	marker := filepath.Join(s.l.Repo(), store.VerityPendingFile)
 	if _, err := os.Lstat(marker); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil
@@ -143,7 +144,7 @@ func SealRepository(repo string) (*SealResult, error) {
 	if err := syncfs(repo); err != nil {
 		return res, err
 	}
-	marker := filepath.Join(repo, VerityPendingMarker)
+	marker := filepath.Join(repo, store.VerityPendingFile)
 	if err := os.Remove(marker); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return res, fmt.Errorf("remove %s: %w", marker, err)
 	}

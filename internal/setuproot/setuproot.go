@@ -113,11 +113,6 @@ type BootRecord struct {
 	Warnings      []string `json:"warnings,omitempty"`
 }
 
-// VerityPendingMarker is the file (below the repository) an installer
-// leaves when it could not enable fs-verity; the first boot on a kernel
-// with fs-verity seals the repository (see docs/boot.md).
-const VerityPendingMarker = "verity-pending"
-
 type setup struct {
 	o     Options
 	l     store.Layout

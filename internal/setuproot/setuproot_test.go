@@ -299,7 +299,7 @@ func TestSealPendingWithoutVerity(t *testing.T) {
 		return
 	}
 	f := newFixture(t, base)
-	marker := filepath.Join(f.l.Repo(), VerityPendingMarker)
+	marker := filepath.Join(f.l.Repo(), store.VerityPendingFile)
 	must(t, os.WriteFile(marker, nil, 0o644))
 	rec, err := f.boot(t, f.args(t, ""))
 	if err != nil {
