@@ -31,13 +31,13 @@ func Connect(address string) (*Client, error) {
 		conn, err = dbus.Connect(address)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNoDaemon, err)
+		return nil, fmt.Errorf("%w: %w", ErrNoDaemon, err)
 	}
 	c := &Client{conn: conn}
 	var has bool
 	if err := conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, BusName).Store(&has); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("%w: %v", ErrNoDaemon, err)
+		return nil, fmt.Errorf("%w: %w", ErrNoDaemon, err)
 	}
 	if !has {
 		var names []string

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -207,6 +208,20 @@ func (s *Server) setProp(name string, v any) {
 		return
 	}
 	setProp(s.props, ManagerInterface, name, v)
+}
+
+// call runs the job's function; a panic in it fails the job (and is logged
+// with its stack) instead of taking the daemon and every other client down.
+// The job's undo below then leaves the store as it was.
+func (j *Job) call(fn jobFunc, opts UpgradeOptions) (summary string, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			j.s.log.Error("job panicked", "BERTH_JOB", string(j.path), "BERTH_JOB_KIND", j.kind,
+				"PANIC", fmt.Sprint(r), "STACK", string(debug.Stack()))
+			summary, err = "", fmt.Errorf("internal error in %s job (berthd logged the stack; please report it): %v", j.kind, r)
+		}
+	}()
+	return fn(j.ctx, j, opts)
 }
 
 // setProp sets a property; prop.SetMust panics when the signal cannot be
@@ -570,7 +585,7 @@ func (j *Job) Created(id string) error {
 func (j *Job) Wait() { <-j.finished }
 
 func (j *Job) run(fn jobFunc, opts UpgradeOptions) {
-	summary, err := fn(j.ctx, j, opts)
+	summary, err := j.call(fn, opts)
 	state := StateDone
 	msg := ""
 	j.mu.Lock()

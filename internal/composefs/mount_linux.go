@@ -340,18 +340,18 @@ func overlayWith(lower string, opts MountOptions, appendKeys bool) (int, error) 
 		}
 	} else {
 		if err := set("lowerdir", escapeOverlayPath(lower)+"::"+escapeOverlayPath(opts.Objects)); err != nil {
-			return -1, fmt.Errorf("%w: data-only lower layers (Linux 6.5+): %v", ErrNoOverlayFeature, err)
+			return -1, fmt.Errorf("%w: data-only lower layers (Linux 6.5+): %w", ErrNoOverlayFeature, err)
 		}
 	}
 	if err := set("metacopy", "on"); err != nil {
-		return -1, fmt.Errorf("%w: metacopy: %v", ErrNoOverlayFeature, err)
+		return -1, fmt.Errorf("%w: metacopy: %w", ErrNoOverlayFeature, err)
 	}
 	if err := set("redirect_dir", "on"); err != nil {
-		return -1, fmt.Errorf("%w: redirect_dir: %v", ErrNoOverlayFeature, err)
+		return -1, fmt.Errorf("%w: redirect_dir: %w", ErrNoOverlayFeature, err)
 	}
 	if opts.Verity {
 		if err := set("verity", "require"); err != nil {
-			return -1, fmt.Errorf("%w: overlayfs verity= option (Linux 6.6+): %v", ErrNoVerity, err)
+			return -1, fmt.Errorf("%w: overlayfs verity= option (Linux 6.6+): %w", ErrNoVerity, err)
 		}
 	}
 	if opts.Upper != "" {

@@ -61,8 +61,11 @@ func ReadPending(l store.Layout, id string) (*Pending, error) {
 		return nil, err
 	}
 	var p Pending
-	if err := json.Unmarshal(b, &p); err != nil || p.Version != 1 {
-		return nil, fmt.Errorf("etc merge of %s: bad %s: %v", id, PendingFile, err)
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("etc merge of %s: bad %s: %w", id, PendingFile, err)
+	}
+	if p.Version != 1 {
+		return nil, fmt.Errorf("etc merge of %s: %s has version %d, this berth reads version 1", id, PendingFile, p.Version)
 	}
 	if _, _, err := deploy.ParseID(p.From); err != nil {
 		return nil, fmt.Errorf("etc merge of %s: %w", id, err)

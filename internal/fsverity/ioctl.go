@@ -50,7 +50,7 @@ func Enable(f *os.File, alg Algorithm) error {
 		}
 		return nil
 	case notSupported(errno):
-		return fmt.Errorf("enable fs-verity on %s: %w (%v)", f.Name(), ErrNotSupported, errno)
+		return fmt.Errorf("enable fs-verity on %s: %w (%w)", f.Name(), ErrNotSupported, errno)
 	case errno == unix.ETXTBSY:
 		return fmt.Errorf("enable fs-verity on %s: file is open for writing (%v)", f.Name(), errno)
 	}
@@ -74,7 +74,7 @@ func Measure(f *os.File) (Algorithm, []byte, error) {
 	case errno == unix.ENODATA:
 		return 0, nil, fmt.Errorf("measure fs-verity of %s: %w", f.Name(), ErrNotEnabled)
 	case notSupported(errno):
-		return 0, nil, fmt.Errorf("measure fs-verity of %s: %w (%v)", f.Name(), ErrNotSupported, errno)
+		return 0, nil, fmt.Errorf("measure fs-verity of %s: %w (%w)", f.Name(), ErrNotSupported, errno)
 	default:
 		return 0, nil, fmt.Errorf("measure fs-verity of %s: %w", f.Name(), errno)
 	}

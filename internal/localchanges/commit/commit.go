@@ -410,8 +410,11 @@ func newConfig(baseCfg []byte, nLayers int, li *LayerInfo, l store.Layout, d *de
 		return nil, fmt.Errorf("base image config: %w", err)
 	}
 	var rootfs imgspecv1.RootFS
-	if err := json.Unmarshal(cfg["rootfs"], &rootfs); err != nil || len(rootfs.DiffIDs) != nLayers {
-		return nil, fmt.Errorf("base image config: rootfs lists %d diff_ids for %d layers (%v)", len(rootfs.DiffIDs), nLayers, err)
+	if err := json.Unmarshal(cfg["rootfs"], &rootfs); err != nil {
+		return nil, fmt.Errorf("base image config: rootfs: %w", err)
+	}
+	if len(rootfs.DiffIDs) != nLayers {
+		return nil, fmt.Errorf("base image config: rootfs lists %d diff_ids for %d layers", len(rootfs.DiffIDs), nLayers)
 	}
 	// The same layers as the deployment's image, when berth still has its
 	// record: a content check beside the manifest digest.
