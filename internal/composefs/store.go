@@ -609,7 +609,7 @@ func (b *Batch) Commit() error {
 	if err := s.enableVerity(items); err != nil {
 		return fail(err)
 	}
-	if err := syncfs(s.dir); err != nil {
+	if err := fsutil.SyncFS(s.dir); err != nil {
 		return fail(err)
 	}
 	// items is sorted, so each bucket's objects are adjacent.
@@ -627,7 +627,7 @@ func (b *Batch) Commit() error {
 	if err := os.RemoveAll(staging); err != nil {
 		return fmt.Errorf("commit object store batch: remove staging directory: %w", err)
 	}
-	if err := syncfs(s.dir); err != nil {
+	if err := fsutil.SyncFS(s.dir); err != nil {
 		return fmt.Errorf("commit object store batch: %w", err)
 	}
 	return nil
@@ -754,19 +754,6 @@ func renameNoReplace(oldPath, newPath string) error {
 		return nil
 	}
 	return fmt.Errorf("rename %s to %s: %w", oldPath, newPath, err)
-}
-
-// syncfs flushes the whole filesystem that holds dir.
-func syncfs(dir string) error {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", dir, err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Syncfs(fd); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
-	}
-	return nil
 }
 
 // Abort drops every object the batch staged.

@@ -183,7 +183,7 @@ func Create(l store.Layout, opts CreateOptions) (*CreateResult, error) {
 	if err := write(tmp, d); err != nil {
 		return nil, fmt.Errorf("create deployment %s: %w", id, err)
 	}
-	if err := syncFS(tmp); err != nil {
+	if err := fsutil.SyncFS(tmp); err != nil {
 		return nil, err
 	}
 	if err := os.Rename(tmp, l.Deployment(id)); err != nil {

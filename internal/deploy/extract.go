@@ -174,17 +174,3 @@ func (x *extractor) meta(path string, n *composefs.Inode) error {
 	}
 	return nil
 }
-
-// syncFS flushes the whole filesystem holding path (one syncfs instead of
-// an fsync per extracted file).
-func syncFS(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("syncfs %s: %w", path, err)
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("syncfs %s: %w", path, err)
-	}
-	return nil
-}

@@ -67,7 +67,7 @@ func SeedState(l store.Layout, root *composefs.Inode, objects string) ([]string,
 			os.RemoveAll(tmp)
 			return created, fmt.Errorf("seed state /%s: %w", sd.Name, err)
 		}
-		if err := syncFS(tmp); err != nil {
+		if err := fsutil.SyncFS(tmp); err != nil {
 			os.RemoveAll(tmp)
 			return created, err
 		}

@@ -207,16 +207,3 @@ func whiteout(dst string) error {
 	}
 	return os.Rename(tmp, dst)
 }
-
-// SyncFS flushes the filesystem that holds dir.
-func SyncFS(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
-	}
-	return nil
-}

@@ -118,7 +118,7 @@ func prepare(l store.Layout, id string, mode cmdline.LocalMode) (*Result, error)
 		if res, err = build(l, id, p, mode, tmp); err != nil {
 			return nil, fmt.Errorf("prepare %s: %w", id, err)
 		}
-		if err := SyncFS(tmp); err != nil {
+		if err := fsutil.SyncFS(tmp); err != nil {
 			return nil, fmt.Errorf("prepare %s: %w", id, err)
 		}
 		if err := os.Rename(tmp, done); err != nil {

@@ -141,7 +141,7 @@ func SealRepository(repo string) (*SealResult, error) {
 		return res, firstErr
 	}
 	// The verity metadata must be durable before the marker goes away.
-	if err := syncfs(repo); err != nil {
+	if err := fsutil.SyncFS(repo); err != nil {
 		return res, err
 	}
 	marker := filepath.Join(repo, store.VerityPendingFile)
@@ -203,16 +203,4 @@ func sealOne(p, objects string) (did, mismatch bool, err error) {
 		return did, false, err
 	}
 	return did, fmt.Sprintf("%x", got) != strings.Replace(name, "/", "", 1), nil
-}
-
-func syncfs(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
-	}
-	return nil
 }

@@ -1,6 +1,3 @@
-// Package e2e is berth's VM end-to-end lane: a standard Debian image (no berth inside) is
-// installed by berth onto a virtual disk and booted under qemu with OVMF and a TPM.
-// The tests run only with BERTH_E2E=1 (test/e2e/run.sh, `make e2e`) and as root.
 package e2e
 
 import (
