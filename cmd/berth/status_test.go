@@ -13,6 +13,7 @@ import (
 	"github.com/berth-dev/berth/internal/api"
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/jsonschema"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -71,7 +72,7 @@ func TestStatusJSONMatchesSchema(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := api.ValidateJSONSchema(schema, []byte(out)); err != nil {
+	if err := jsonschema.Validate(schema, []byte(out)); err != nil {
 		t.Fatalf("berth status --json does not match docs/status.schema.json: %v\n%s", err, out)
 	}
 	var h api.Host

@@ -13,6 +13,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/jsonschema"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -151,7 +152,7 @@ func ValidateStatusJSON(raw []byte) error {
 	if err != nil {
 		return err
 	}
-	return ValidateJSONSchema(schema, raw)
+	return jsonschema.Validate(schema, raw)
 }
 
 func TestDiffDeployment(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/jsonschema"
 	"github.com/godbus/dbus/v5"
 )
 
@@ -75,7 +76,7 @@ func TestSchemaValidatorRejects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ValidateJSONSchema(schema, empty); err != nil {
+	if err := jsonschema.Validate(schema, empty); err != nil {
 		t.Fatalf("empty status: %v", err)
 	}
 	for _, bad := range []string{
@@ -86,7 +87,7 @@ func TestSchemaValidatorRejects(t *testing.T) {
 		strings.Replace(string(empty), `"rollbackQueued":false`, `"rollbackQueued":false,"extra":1`, 1),
 		strings.Replace(string(empty), `"deployments":[]`, `"deployments":[{"id":"x"}]`, 1),
 	} {
-		if err := ValidateJSONSchema(schema, []byte(bad)); err == nil {
+		if err := jsonschema.Validate(schema, []byte(bad)); err == nil {
 			t.Errorf("accepted %s", bad)
 		}
 	}

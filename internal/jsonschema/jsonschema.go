@@ -1,4 +1,8 @@
-package api
+// Package jsonschema checks JSON documents against the subset of JSON
+// Schema berth's own schemas use (docs/status.schema.json). Only tests
+// import it: berth does not validate its own output at run time, so the
+// binaries do not link it.
+package jsonschema
 
 import (
 	"bytes"
@@ -9,13 +13,13 @@ import (
 	"strings"
 )
 
-// ValidateJSONSchema checks doc against schema, supporting the subset of
+// Validate checks doc against schema, supporting the subset of
 // JSON Schema (2020-12) that docs/status.schema.json uses: type (a name or
 // a list), properties, required, additionalProperties (boolean), items,
 // enum, const, pattern, minimum, $defs with local $ref. Anything else in
 // the schema is an error, so the schema cannot silently say more than is
 // checked.
-func ValidateJSONSchema(schema, doc []byte) error {
+func Validate(schema, doc []byte) error {
 	var s map[string]any
 	if err := json.Unmarshal(schema, &s); err != nil {
 		return fmt.Errorf("parse schema: %w", err)
