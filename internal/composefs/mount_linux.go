@@ -6,9 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/loopdev"
 	"golang.org/x/sys/unix"
 )
 
@@ -203,18 +203,19 @@ func mountErofs(image string) (int, error) {
 			return -1, err
 		}
 	}
-	loop, err := attachLoop(image)
+	loop, err := loopdev.Attach(image, loopdev.Options{ReadOnly: true})
 	if err != nil {
 		return -1, fmt.Errorf("EROFS cannot mount the image file directly, and a loop device failed: %w", err)
 	}
-	fd, err := mountErofsSource(loop.name)
+	fd, err := mountErofsSource(loop.Path)
 	// The mount (if any) holds the device now; with auto-clear it goes
 	// away when that mount does. On failure, clear it explicitly.
 	if err != nil {
-		unix.IoctlSetInt(int(loop.f.Fd()), unix.LOOP_CLR_FD, 0)
+		loop.Detach()
+		return -1, err
 	}
-	loop.f.Close()
-	return fd, err
+	loop.Release()
+	return fd, nil
 }
 
 func mountErofsSource(source string) (int, error) {
@@ -245,54 +246,6 @@ func mountErofsSource(source string) (int, error) {
 		return -1, ctx.wrap("fsmount erofs "+source, err)
 	}
 	return fd, nil
-}
-
-type loopDev struct {
-	name string
-	f    *os.File
-}
-
-// attachLoop binds image to a free loop device, read-only and auto-clear.
-func attachLoop(image string) (*loopDev, error) {
-	img, err := os.Open(image)
-	if err != nil {
-		return nil, err
-	}
-	defer img.Close()
-	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer ctl.Close()
-	for attempt := 0; attempt < 20; attempt++ {
-		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
-		if err != nil {
-			return nil, fmt.Errorf("find a free loop device: %w", err)
-		}
-		name := fmt.Sprintf("/dev/loop%d", n)
-		dev, err := os.OpenFile(name, os.O_RDONLY|unix.O_CLOEXEC, 0)
-		if errors.Is(err, os.ErrNotExist) {
-			// udev has not created the node yet.
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		cfg := unix.LoopConfig{Fd: uint32(img.Fd())}
-		cfg.Info.Flags = unix.LO_FLAGS_READ_ONLY | unix.LO_FLAGS_AUTOCLEAR
-		copy(cfg.Info.File_name[:], image)
-		err = unix.IoctlLoopConfigure(int(dev.Fd()), &cfg)
-		if err == nil {
-			return &loopDev{name: name, f: dev}, nil
-		}
-		dev.Close()
-		if !errors.Is(err, unix.EBUSY) {
-			return nil, fmt.Errorf("configure %s: %w", name, err)
-		}
-		// Another process took the device between GET_FREE and CONFIGURE.
-	}
-	return nil, errors.New("no free loop device after 20 attempts")
 }
 
 // createOverlay returns a detached overlay mount over the EROFS mount.

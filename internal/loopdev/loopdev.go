@@ -158,6 +158,21 @@ func (d *Device) Detach() error {
 	return nil
 }
 
+// Release closes berth's handle on the device without detaching it: with
+// autoclear set, the kernel detaches it when its last user (a mount made
+// from it) goes away.
+func (d *Device) Release() error {
+	if d.f == nil {
+		return nil
+	}
+	err := d.f.Close()
+	d.f = nil
+	if err != nil {
+		return fmt.Errorf("release %s: %w", d.Path, err)
+	}
+	return nil
+}
+
 // BackingFile returns the file a loop device is attached to ("" if none),
 // from sysfs.
 func BackingFile(dev string) string {
