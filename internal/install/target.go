@@ -1,18 +1,17 @@
 package install
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/loopdev"
 )
 
@@ -190,45 +189,19 @@ func checkHolders(sysDir, name string) error {
 }
 
 // mountedDevices maps "major:minor" of every mounted filesystem's device
-// to its mount point, from /proc/self/mountinfo.
+// to its (first) mount point.
 func mountedDevices() (map[string]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := fsutil.Mounts()
 	if err != nil {
-		return nil, fmt.Errorf("read mounts: %w", err)
+		return nil, err
 	}
-	defer f.Close()
 	m := map[string]string{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 5 {
-			continue
-		}
-		if _, ok := m[fs[2]]; !ok {
-			m[fs[2]] = unescapeMount(fs[4])
+	for _, mt := range ms {
+		if _, ok := m[mt.Dev]; !ok {
+			m[mt.Dev] = mt.Point
 		}
 	}
-	return m, sc.Err()
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return m, nil
 }
 
 // loopDevicesBacking lists the loop devices whose backing file is path.

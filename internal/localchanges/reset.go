@@ -1,7 +1,6 @@
 package localchanges
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -572,32 +571,23 @@ func removeFileSync(p string) error {
 }
 
 // mountedAt returns where an overlay with upperdir upper is mounted ("" =
-// nowhere), from /proc/self/mountinfo.
+// nowhere).
 func mountedAt(upper string) string {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := fsutil.Mounts()
 	if err != nil {
 		return ""
 	}
-	defer f.Close()
 	want := filepath.Clean(upper)
 	if r, err := filepath.EvalSymlinks(want); err == nil {
 		want = r
 	}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts ... - fstype source superopts
-		left, right, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
+	for _, m := range ms {
+		if m.FSType != "overlay" {
 			continue
 		}
-		rf, lf := strings.Fields(right), strings.Fields(left)
-		if len(rf) < 3 || rf[0] != "overlay" || len(lf) < 5 {
-			continue
-		}
-		for _, o := range strings.Split(rf[2], ",") {
+		for _, o := range strings.Split(m.SuperOptions, ",") {
 			if v, ok := strings.CutPrefix(o, "upperdir="); ok && filepath.Clean(fsutil.UnescapeMountinfo(v)) == want {
-				return fsutil.UnescapeMountinfo(lf[4])
+				return m.Point
 			}
 		}
 	}

@@ -525,13 +525,12 @@ func checkMountPoint(p string) error {
 	}
 	// Same device: a bind mount of a directory of the parent filesystem
 	// is still a mount point; /proc/self/mountinfo decides.
-	mi, err := os.ReadFile("/proc/self/mountinfo")
+	ms, err := fsutil.Mounts()
 	if err != nil {
-		return fmt.Errorf("%s is not a mount point", p)
+		return fmt.Errorf("%s is not a mount point (%w)", p, err)
 	}
-	for _, l := range strings.Split(string(mi), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 4 && fsutil.UnescapeMountinfo(f[4]) == p {
+	for _, m := range ms {
+		if m.Point == p {
 			return nil
 		}
 	}
