@@ -11,21 +11,6 @@ import (
 	"github.com/berth-dev/berth/internal/store"
 )
 
-// SharedDir is one directory shared by all deployments: state/<Name> is
-// bound over /<Name> at boot (DESIGN §5).
-type SharedDir struct {
-	Name string // directory below state/ and below the image root
-	Perm uint32 // mode when the image does not have it
-}
-
-// DefaultShared lists the shared directories of DESIGN §5.
-var DefaultShared = []SharedDir{
-	{Name: "var", Perm: 0o755},
-	{Name: "home", Perm: 0o755},
-	{Name: "root", Perm: 0o700},
-	{Name: "srv", Perm: 0o755},
-}
-
 // SeedState creates the shared state directories that do not exist yet,
 // each a copy of the image's directory of the same name (ownership, modes,
 // xattrs kept), or an empty root-owned directory when the image has none.
@@ -38,7 +23,7 @@ func SeedState(l store.Layout, root *composefs.Inode, objects string) ([]string,
 		return nil, err
 	}
 	var created []string
-	for _, sd := range DefaultShared {
+	for _, sd := range store.SharedDirs {
 		dst := filepath.Join(l.State(), sd.Name)
 		if _, err := os.Lstat(dst); err == nil {
 			continue

@@ -31,21 +31,14 @@ const trashDir = ".reset-trash"
 
 const resetVersion = 1
 
-// Shared names the directories bound from berth/state over the image
-// (deploy.DefaultShared): the upper directory's entries below them are
-// hidden at run time, and reset leaves them alone.
-func sharedNames() []string {
-	var n []string
-	for _, s := range deploy.DefaultShared {
-		n = append(n, s.Name)
-	}
-	return n
-}
+// sharedNames are the directories bound from berth/state over the image
+// (store.SharedDirs): the upper directory's entries below them are hidden
+// at run time, and reset leaves them alone.
+func sharedNames() []string { return store.SharedNames() }
 
 // PerDeployment are the paths below shared directories that stay with the
-// deployment (package databases that must match its /usr); they are the
-// same as setuproot.DefaultPerDeployment (a test checks it).
-var PerDeployment = []string{"var/lib/dpkg", "var/lib/rpm", "var/lib/pacman"}
+// deployment (store.PerDeployment).
+var PerDeployment = store.PerDeployment
 
 // SharedState reports whether rel (a path in the deployment without the
 // leading "/") is below a shared directory and not kept per deployment:

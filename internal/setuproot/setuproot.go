@@ -77,22 +77,15 @@ type Options struct {
 	// systemd path leaves it empty).
 	RootDevice string
 	// Shared lists the state directories bound over the root (DESIGN §5);
-	// nil means DefaultShared.
+	// nil means store.SharedNames().
 	Shared []string
 	// PerDeployment lists paths below shared directories that stay with
-	// the deployment (package databases); nil means DefaultPerDeployment.
+	// the deployment (package databases); nil means store.PerDeployment.
 	PerDeployment []string
 
 	Prepare  PrepareFunc
 	Measurer Measurer
 }
-
-// DefaultShared are the directories shared by all deployments (DESIGN §5).
-var DefaultShared = []string{"var", "home", "root", "srv"}
-
-// DefaultPerDeployment are package databases that must match the image's
-// /usr, so they are not shared even though /var is.
-var DefaultPerDeployment = []string{"var/lib/dpkg", "var/lib/rpm", "var/lib/pacman"}
 
 // BootRecord is what Setup did; it is written to <RunDir>/boot.json.
 type BootRecord struct {
@@ -144,10 +137,10 @@ func Setup(o Options) (*BootRecord, error) {
 		o.RunDir = "/run/berth"
 	}
 	if o.Shared == nil {
-		o.Shared = DefaultShared
+		o.Shared = store.SharedNames()
 	}
 	if o.PerDeployment == nil {
-		o.PerDeployment = DefaultPerDeployment
+		o.PerDeployment = store.PerDeployment
 	}
 	s := &setup{o: o, l: store.At(o.Sysroot), con: o.Console}
 	s.rec = &BootRecord{Version: 1, Composefs: a.Composefs.Hex, Algorithm: a.Composefs.AlgorithmName(),
