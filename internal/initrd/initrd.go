@@ -24,6 +24,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/u-root/u-root/pkg/cpio"
 
+	"github.com/berth-dev/berth/internal/initrd/layout"
 	"github.com/berth-dev/berth/internal/kmod"
 )
 
@@ -60,22 +61,6 @@ const (
 	Gzip = "gzip"
 	None = "none"
 )
-
-// ModulesLoadList lists the modules every boot loads, in dependency order
-// (read by berth-init; keep in sync with setuproot.ModulesLoadList).
-const ModulesLoadList = "etc/berth/modules.load"
-
-// StorageModulesList lists the hardware modules, loaded by berth-init all
-// at once only when the root device does not appear with those matching
-// the present devices (keep in sync with setuproot.StorageModulesList).
-const StorageModulesList = "etc/berth/modules.storage"
-
-// FilesystemModulesDir holds one load list per root filesystem type
-// (etc/berth/modules.fs/ext4, …: that filesystem's modules with their
-// dependencies). berth-init loads only the list of the filesystem it
-// finds on the root device: loading every filesystem up front costs seconds
-// (btrfs pulls in raid6/xor, which benchmark themselves at load time).
-const FilesystemModulesDir = "etc/berth/modules.fs"
 
 // rootFilesystems maps root filesystem modules to the filesystem types
 // (as blkdev reports them) they mount.
@@ -299,12 +284,12 @@ func Build(w io.Writer, opts Options) (*Report, error) {
 		}
 		return []byte(b.String())
 	}
-	a.add(cpio.StaticRecord(list(always), cpio.Info{Name: ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
-	a.add(cpio.StaticRecord(list(storage), cpio.Info{Name: StorageModulesList, Mode: cpio.S_IFREG | 0o644}))
+	a.add(cpio.StaticRecord(list(always), cpio.Info{Name: layout.ModulesLoadList, Mode: cpio.S_IFREG | 0o644}))
+	a.add(cpio.StaticRecord(list(storage), cpio.Info{Name: layout.StorageModulesList, Mode: cpio.S_IFREG | 0o644}))
 	if len(perFS) > 0 {
-		a.dir(FilesystemModulesDir, 0o755)
+		a.dir(layout.FilesystemModulesDir, 0o755)
 		for _, fsName := range sortedKeys(perFS) {
-			a.add(cpio.StaticRecord(list(perFS[fsName]), cpio.Info{Name: FilesystemModulesDir + "/" + fsName, Mode: cpio.S_IFREG | 0o644}))
+			a.add(cpio.StaticRecord(list(perFS[fsName]), cpio.Info{Name: layout.FilesystemModulesDir + "/" + fsName, Mode: cpio.S_IFREG | 0o644}))
 		}
 	}
 

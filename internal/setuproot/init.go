@@ -13,22 +13,9 @@ import (
 
 	"github.com/berth-dev/berth/internal/blkdev"
 	"github.com/berth-dev/berth/internal/cmdline"
+	"github.com/berth-dev/berth/internal/initrd/layout"
 	"github.com/berth-dev/berth/internal/kmod"
 )
-
-// ModulesLoadList is where berth's initramfs lists the modules to load, in
-// dependency order, as paths relative to /usr/lib/modules/<kver>.
-const ModulesLoadList = "etc/berth/modules.load"
-
-// FilesystemModulesDir holds a load list per root filesystem type, loaded
-// once the root device is found (keep in sync with initrd.FilesystemModulesDir).
-const FilesystemModulesDir = "etc/berth/modules.fs"
-
-// StorageModulesList lists every storage driver of the initramfs, loaded
-// when the root device has not appeared after storageFallback with the
-// drivers matching the present devices (keep in sync with
-// initrd.StorageModulesList).
-const StorageModulesList = "etc/berth/modules.storage"
 
 const storageFallback = 5 * time.Second
 
@@ -71,7 +58,7 @@ func Init(cfg InitConfig) {
 			return &Error{Reason: "the kernel command line is invalid", Fix: "fix the berth.* arguments of the boot entry (DESIGN §4 lists them), or boot another entry", Err: err}
 		}
 		debugShell = args.DebugShell
-		mods := kmod.StartInitramfs(con, "/"+ModulesLoadList, "/"+StorageModulesList, "/"+FilesystemModulesDir)
+		mods := kmod.StartInitramfs(con, "/"+layout.ModulesLoadList, "/"+layout.StorageModulesList, "/"+layout.FilesystemModulesDir)
 		spec, err := blkdev.ParseSpec(args.Root)
 		if err != nil {
 			return &Error{Reason: "root= is missing or not understood", Fix: "add root=UUID=…, PARTUUID=…, LABEL=… or /dev/… to the boot entry", Err: err}
