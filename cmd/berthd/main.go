@@ -66,50 +66,41 @@ func runHealth(ctx context.Context, args []string) error {
 	if len(dirs) > 0 {
 		opts.Dirs = dirs
 	}
-	rep, err := health.Run(ctx, opts)
-	if err != nil {
-		return err
+	rep, _, err := health.BootCheck{
+		Options: opts, Sysroot: *sysroot, ESP: api.FindESP(*sysroot), Booted: deploy.BootedID(*sysroot),
+		RebootOnFailedTrial: *reboot,
+		Say:                 func(format string, args ...any) { fmt.Printf(format+"\n", args...) },
+	}.Run(ctx)
+	if rep != nil {
+		printHealth(rep, *asJSON)
 	}
-	if *asJSON {
+	return err
+}
+
+// printHealth prints the report: JSON, or a line per check with what a
+// failed check said (it also is in health.json).
+func printHealth(rep *health.Report, asJSON bool) {
+	if asJSON {
 		json.NewEncoder(os.Stdout).Encode(rep)
-	} else {
-		for _, c := range rep.Checks {
-			state := "ok"
-			if !c.OK {
-				state = "FAILED: " + c.Error
-			}
-			fmt.Printf("%s: %s (%s)\n", c.Name, state, c.Duration.Round(time.Millisecond))
-			if !c.OK {
-				// What the check said is why: show it (it also is in health.json).
-				for _, line := range strings.Split(strings.TrimSpace(c.Output), "\n") {
-					if line != "" {
-						fmt.Printf("  %s: %s\n", c.Name, line)
-					}
+		return
+	}
+	for _, c := range rep.Checks {
+		state := "ok"
+		if !c.OK {
+			state = "FAILED: " + c.Error
+		}
+		fmt.Printf("%s: %s (%s)\n", c.Name, state, c.Duration.Round(time.Millisecond))
+		if !c.OK {
+			for _, line := range strings.Split(strings.TrimSpace(c.Output), "\n") {
+				if line != "" {
+					fmt.Printf("  %s: %s\n", c.Name, line)
 				}
 			}
 		}
-		if len(rep.FailedUnits) > 0 {
-			fmt.Printf("failed units: %v\n", rep.FailedUnits)
-		}
 	}
-	booted := deploy.BootedID(*sysroot)
-	out, cerr := health.Conclude(*sysroot, api.FindESP(*sysroot), booted, rep)
-	if cerr != nil {
-		fmt.Fprintln(os.Stderr, "berthd health: record result:", cerr)
+	if len(rep.FailedUnits) > 0 {
+		fmt.Printf("failed units: %v\n", rep.FailedUnits)
 	}
-	if out.Blessed {
-		fmt.Printf("boot entry %s of deployment %s marked good\n", out.Entry, booted)
-	}
-	if !rep.OK {
-		if out.Reboot && *reboot {
-			fmt.Printf("deployment %s is on trial and unhealthy: rebooting so the boot loader counts the try (and falls back when none are left)\n", booted)
-			if err := health.Reboot(ctx); err != nil {
-				fmt.Fprintln(os.Stderr, "berthd health:", err)
-			}
-		}
-		return fmt.Errorf("unhealthy: %s", rep.Summary())
-	}
-	return nil
 }
 
 type multi []string

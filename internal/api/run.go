@@ -13,6 +13,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	"github.com/berth-dev/berth/internal/power"
 	"github.com/berth-dev/berth/internal/progress"
 )
 
@@ -212,20 +213,11 @@ func runDirect(ctx context.Context, req Request, rep *progress.Reporter) (*JobRe
 		return res, ferr
 	}
 	if res.State == StateDone && req.Options.Apply && !req.Options.Check {
-		if err := rebootViaLogind(); err != nil {
+		if err := power.Reboot(context.Background()); err != nil {
 			return res, fmt.Errorf("%s done, but reboot failed: %w", req.Kind, err)
 		}
 	}
 	return res, res.err(req.Kind)
-}
-
-func rebootViaLogind() error {
-	conn, err := dbus.ConnectSystemBus()
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	return conn.Object("org.freedesktop.login1", "/org/freedesktop/login1").Call("org.freedesktop.login1.Manager.Reboot", 0, false).Err
 }
 
 // progressPrinter turns job progress (phase, done, total) into tasks of

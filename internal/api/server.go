@@ -20,6 +20,7 @@ import (
 	"github.com/godbus/dbus/v5/prop"
 
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/power"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -73,7 +74,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, conn: cfg.Conn, log: cfg.Log, jobs: map[dbus.ObjectPath]*Job{}, lastActivity: time.Now()}
 	if cfg.Reboot == nil {
-		s.cfg.Reboot = s.rebootLogind
+		s.cfg.Reboot = func() error { return power.Reboot(context.Background()) }
 	}
 	return s, nil
 }
@@ -489,10 +490,6 @@ func (s *Server) startJob(sender, action, kind string, options map[string]dbus.V
 	s.log.Info("job started", "BERTH_JOB", string(j.path), "BERTH_JOB_KIND", kind, "BERTH_SENDER", sender)
 	go j.run(fn, opts)
 	return j.path, nil
-}
-
-func (s *Server) rebootLogind() error {
-	return s.conn.Object("org.freedesktop.login1", "/org/freedesktop/login1").Call("org.freedesktop.login1.Manager.Reboot", 0, false).Err
 }
 
 // Job is one running or finished job.

@@ -9,10 +9,9 @@ import (
 	"path/filepath"
 	"time"
 
-	sdbus "github.com/coreos/go-systemd/v22/dbus"
-
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/fsutil"
+	"github.com/berth-dev/berth/internal/power"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -119,15 +118,54 @@ func ReadResult(l store.Layout, id string) (*Result, error) {
 	return &r, nil
 }
 
-// Reboot asks systemd to reboot (what `systemctl reboot` does).
-func Reboot(ctx context.Context) error {
-	c, err := sdbus.NewWithContext(ctx)
+// BootCheck is what berth-healthcheck.service does once per boot: run the
+// checks, conclude (record, bless, mark abandoned deployments failed) and,
+// when the booted entry is still on trial and unhealthy, reboot so that the
+// boot loader counts the try and falls back when none are left.
+type BootCheck struct {
+	Options Options
+	Sysroot string // "/" on the running system
+	ESP     string // mounted ESP holding the boot entries ("" = none)
+	Booted  string // booted deployment id ("" = not booted by berth)
+	// RebootOnFailedTrial allows the reboot (off: report only).
+	RebootOnFailedTrial bool
+	// Say receives one line per action taken (default: discarded).
+	Say func(format string, args ...any)
+	// Reboot reboots the machine (default power.Reboot).
+	Reboot func(context.Context) error
+}
+
+// Run runs the boot check. err is non-nil when the checks could not run or
+// the boot is unhealthy; a result that could not be recorded is said (the
+// boot's health does not depend on it).
+func (b BootCheck) Run(ctx context.Context) (*Report, *Outcome, error) {
+	say := b.Say
+	if say == nil {
+		say = func(string, ...any) {}
+	}
+	reboot := b.Reboot
+	if reboot == nil {
+		reboot = power.Reboot
+	}
+	rep, err := Run(ctx, b.Options)
 	if err != nil {
-		return fmt.Errorf("reboot: connect to systemd: %w", err)
+		return nil, nil, err
 	}
-	defer c.Close()
-	if _, err := c.StartUnitContext(ctx, "reboot.target", "replace-irreversibly", nil); err != nil {
-		return fmt.Errorf("reboot: %w", err)
+	out, cerr := Conclude(b.Sysroot, b.ESP, b.Booted, rep)
+	if cerr != nil {
+		say("warning: could not record the health result: %v", cerr)
 	}
-	return nil
+	if out.Blessed {
+		say("boot entry %s of deployment %s marked good", out.Entry, b.Booted)
+	}
+	if rep.OK {
+		return rep, out, nil
+	}
+	if out.Reboot && b.RebootOnFailedTrial {
+		say("deployment %s is on trial and unhealthy: rebooting so the boot loader counts the try (and falls back when none are left)", b.Booted)
+		if err := reboot(ctx); err != nil {
+			return rep, out, fmt.Errorf("unhealthy: %s; %w", rep.Summary(), err)
+		}
+	}
+	return rep, out, fmt.Errorf("unhealthy: %s", rep.Summary())
 }

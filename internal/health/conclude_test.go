@@ -1,6 +1,7 @@
 package health
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -121,4 +122,43 @@ func TestConclude(t *testing.T) {
 			t.Fatalf("outcome %+v %v", out, err)
 		}
 	})
+}
+
+// TestBootCheckRebootsOnlyAnUnhealthyTrial: the boot check reboots when the
+// booted entry is on trial, the boot is unhealthy and rebooting is allowed —
+// and in no other case.
+func TestBootCheckRebootsOnlyAnUnhealthyTrial(t *testing.T) {
+	const old, booted = "1-aaaaaaaaaaaa", "2-bbbbbbbbbbbb"
+	check := func(t *testing.T, healthy, allowed bool) (rebooted bool, err error) {
+		sysroot := t.TempDir()
+		l := store.At(sysroot)
+		writeDeployment(t, l, old, deploy.StateBooted)
+		writeDeployment(t, l, booted, deploy.StateStaged)
+		esp := espWith(t, "berth-"+old+".efi", "berth-"+booted+"+1-2.efi")
+		dir := t.TempDir()
+		script := "#!/bin/sh\nexit 0\n"
+		if !healthy {
+			script = "#!/bin/sh\necho broken\nexit 1\n"
+		}
+		if err := os.WriteFile(filepath.Join(dir, "50-app"), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err = BootCheck{
+			Options: Options{Dirs: []string{dir}, SkipUnits: true}, Sysroot: sysroot, ESP: esp, Booted: booted,
+			RebootOnFailedTrial: allowed,
+			Reboot:              func(context.Context) error { rebooted = true; return nil },
+		}.Run(context.Background())
+		return rebooted, err
+	}
+	for _, c := range []struct {
+		healthy, allowed, reboot bool
+	}{{false, true, true}, {false, false, false}, {true, true, false}} {
+		rebooted, err := check(t, c.healthy, c.allowed)
+		if rebooted != c.reboot {
+			t.Errorf("healthy=%v allowed=%v: rebooted=%v, want %v", c.healthy, c.allowed, rebooted, c.reboot)
+		}
+		if (err == nil) != c.healthy {
+			t.Errorf("healthy=%v: err %v", c.healthy, err)
+		}
+	}
 }
