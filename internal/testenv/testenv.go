@@ -53,6 +53,20 @@ func RequireTool(t testing.TB, name, debianPackage string) string {
 	return p
 }
 
+// HaveTool is for an optional cross-check with another tool: it reports whether the tool is
+// in PATH; when it is not, the test logs that the check is left out, or under CI fails.
+func HaveTool(t testing.TB, name, debianPackage string) bool {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		if CI() {
+			t.Fatalf("CI: required tool %s is missing (apt-get install %s)", name, debianPackage)
+		}
+		t.Logf("%s is not installed (apt-get install %s): its cross-check is left out", name, debianPackage)
+		return false
+	}
+	return true
+}
+
 // RequireFile needs a file or directory; how says how to get it: a Debian package name
 // ("ovmf") or a command ("make guest").
 func RequireFile(t testing.TB, path, how string) {

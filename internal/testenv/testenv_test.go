@@ -17,8 +17,9 @@ type recorder struct {
 
 type stop struct{}
 
-func (r *recorder) Helper()          {}
-func (r *recorder) Skip(args ...any) { r.skipped = fmt.Sprint(args...); panic(stop{}) }
+func (r *recorder) Helper()                      {}
+func (r *recorder) Logf(format string, a ...any) {}
+func (r *recorder) Skip(args ...any)             { r.skipped = fmt.Sprint(args...); panic(stop{}) }
 func (r *recorder) Fatalf(format string, a ...any) {
 	r.failed = fmt.Sprintf(format, a...)
 	panic(stop{})
@@ -78,6 +79,19 @@ func TestFeatureProbeFailsOnOtherErrors(t *testing.T) {
 	}
 	t.Setenv("CI", "1")
 	if r := outcome(func(t testing.TB) { RequireFeature(t, wrapped, "EROFS", errNoErofs) }); !strings.Contains(r.failed, "CI: required kernel feature EROFS is missing") {
+		t.Errorf("under CI: %+v", r)
+	}
+}
+
+func TestOptionalCrossCheckIsRequiredInCI(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	t.Setenv("CI", "")
+	var have bool
+	if r := outcome(func(t testing.TB) { have = HaveTool(t, "cpio", "cpio") }); have || r.failed != "" || r.skipped != "" {
+		t.Errorf("without CI: have %v %+v", have, r)
+	}
+	t.Setenv("CI", "true")
+	if r := outcome(func(t testing.TB) { HaveTool(t, "cpio", "cpio") }); r.failed != "CI: required tool cpio is missing (apt-get install cpio)" {
 		t.Errorf("under CI: %+v", r)
 	}
 }
