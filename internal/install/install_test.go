@@ -46,7 +46,8 @@ func needRoot(t *testing.T) {
 	t.Helper()
 	testenv.RequireRoot(t, "loop devices, mkfs, mount")
 	for _, tool := range []string{"sgdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "fsck.fat", "mtype"} {
-		testenv.RequireTool(t, tool, packageOf(tool))
+		testenv.RequireTool(t, tool, map[string]string{"sgdisk": "gdisk", "mkfs.vfat": "dosfstools", "fsck.fat": "dosfstools",
+			"mkfs.ext4": "e2fsprogs", "mcopy": "mtools", "mtype": "mtools"}[tool])
 	}
 }
 

@@ -253,7 +253,8 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 		v.watch.Stop()
 		if serr := v.watch.Err(); serr != nil {
 			err = serr
-			fmt.Fprintf(serial, "[%8.2f] harness: %s: qemu killed\n", time.Since(v.Started).Seconds(), serr.(*qemu.SilentError).Bound)
+			fmt.Fprintf(serial, "[%8.2f] harness: guest printed nothing on its console for %s: qemu killed\n",
+				time.Since(v.Started).Seconds(), serr.(*qemu.SilentError).Bound)
 		}
 		qlog.Close()
 		serial.Close()
