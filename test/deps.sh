@@ -1,5 +1,7 @@
 #!/bin/bash
 # Installs what berth's lanes need on Debian 12 or newer. Idempotent.
+# Every tool a test asks for with testenv.RequireTool/HaveTool is here: under CI=true a
+# missing one fails the test that needs it.
 set -euo pipefail
 pkgs=(
   # build and lint
@@ -9,7 +11,9 @@ pkgs=(
   # initramfs, compression, archives
   cpio zstd xz-utils gzip
   # UKI and signing
-  binutils sbsigntool osslsigncode systemd-boot-efi
+  binutils sbsigntool osslsigncode openssl systemd-boot-efi
+  # systemd-analyze verifies berth's units and the generator's output
+  systemd
   # D-Bus, TPM
   dbus swtpm swtpm-tools tpm2-tools
   # containers-storage test (fills a vfs store)

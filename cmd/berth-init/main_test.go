@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 const tags = "containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devicemapper"
@@ -14,9 +16,7 @@ const tags = "containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdr
 // TestImportGraph keeps berth-init small and free of the container stack:
 // it runs in the initramfs, before anything is verified.
 func TestImportGraph(t *testing.T) {
-	if _, err := exec.LookPath("go"); err != nil {
-		t.Skip("go not in PATH")
-	}
+	testenv.RequireTool(t, "go", "golang (or /usr/local/go/bin in PATH)")
 	out, err := exec.Command("go", "list", "-tags", tags, "-deps", ".").Output()
 	if err != nil {
 		t.Fatalf("go list -deps: %v", err)
@@ -36,9 +36,7 @@ func TestStaticAndSmall(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	if _, err := exec.LookPath("go"); err != nil {
-		t.Skip("go not in PATH")
-	}
+	testenv.RequireTool(t, "go", "golang (or /usr/local/go/bin in PATH)")
 	bin := filepath.Join(t.TempDir(), "berth-init")
 	c := exec.Command("go", "build", "-tags", tags, "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
 	c.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -15,14 +15,13 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/localchanges"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestDiffResetCLI runs berth diff and berth reset on a --sysroot
 // deployment whose upper directory holds a change and a whiteout.
 func TestDiffResetCLI(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deploy.Create makes root-owned deployments and whiteouts are device nodes")
-	}
+	testenv.RequireRoot(t, "deploy.Create makes root-owned deployments and whiteouts are device nodes")
 	sysroot := t.TempDir()
 	l := store.At(sysroot)
 	if err := l.Init(); err != nil {

@@ -24,6 +24,7 @@ import (
 	"github.com/berth-dev/berth/internal/fsck"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // Roles of a re-executed test binary (see TestMain).
@@ -47,12 +48,8 @@ func TestMain(m *testing.M) {
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: runs a private dbus-daemon with berth's system bus policy and clients under other uids")
-	}
-	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		t.Skip("dbus-daemon is not installed")
-	}
+	testenv.RequireRoot(t, "runs a private dbus-daemon with berth's system bus policy and clients under other uids")
+	testenv.RequireTool(t, "dbus-daemon", "dbus")
 }
 
 // sharedDir makes a directory that an unprivileged uid can traverse and

@@ -15,6 +15,7 @@ import (
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/jsonschema"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // twoDeployments makes deployments A (older) and B with Type #1 boot
@@ -44,9 +45,7 @@ func twoDeployments(t *testing.T) (sysroot string, a, b *deploy.Deployment) {
 }
 
 func TestReadStatusRoles(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deploy.Create gives the deployment root's ownership")
-	}
+	testenv.RequireRoot(t, "deploy.Create gives the deployment root's ownership")
 	sysroot, a, b := twoDeployments(t)
 	h, err := ReadStatus(StatusOptions{Sysroot: sysroot})
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,9 +29,8 @@ func verifyUnits(t *testing.T, units map[string][]byte) (string, error) {
 		}
 	}
 	root := filepath.Join(w, "root")
-	if err := unix.Mount("overlay", root, "overlay", 0, "lowerdir="+guestRootfs+",upperdir="+filepath.Join(w, "upper")+",workdir="+filepath.Join(w, "work")); err != nil {
-		t.Skipf("cannot mount an overlay of the guest rootfs: %v", err)
-	}
+	testenv.RequireFeature(t, unix.Mount("overlay", root, "overlay", 0, "lowerdir="+guestRootfs+",upperdir="+filepath.Join(w, "upper")+",workdir="+filepath.Join(w, "work")),
+		"overlayfs (an overlay of the guest rootfs)", unix.ENODEV)
 	defer unix.Unmount(root, unix.MNT_DETACH)
 	// The units are verified, not berth's binaries: any executable will
 	// do at the ExecStart= paths.
@@ -58,12 +58,8 @@ func verifyUnits(t *testing.T, units map[string][]byte) (string, error) {
 }
 
 func TestUnitsVerify(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: chroots into an overlay of the guest rootfs to run its systemd-analyze")
-	}
-	if _, err := os.Stat(filepath.Join(guestRootfs, ".recipe")); err != nil {
-		t.Skipf("guest rootfs not built (%s; build it with test/guest/build-rootfs.sh)", guestRootfs)
-	}
+	testenv.RequireRoot(t, "chroots into an overlay of the guest rootfs to run its systemd-analyze")
+	testenv.RequireFile(t, filepath.Join(guestRootfs, ".recipe"), testenv.Guest)
 	units := map[string][]byte{}
 	for _, u := range berthUnits {
 		b, err := os.ReadFile(filepath.Join("../../units", u))

@@ -31,6 +31,7 @@ import (
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 const hostStub = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
@@ -80,9 +81,10 @@ func imageFiles(t *testing.T, etc map[string]string) map[string][]byte {
 		files["etc/"+name] = []byte(content)
 	}
 	for img, host := range map[string]string{"usr/lib/systemd/boot/efi/linuxx64.efi.stub": hostStub, "usr/lib/systemd/boot/efi/systemd-bootx64.efi": "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"} {
+		testenv.RequireFile(t, host, "systemd-boot-efi")
 		b, err := os.ReadFile(host)
 		if err != nil {
-			t.Skipf("host has no %s (Debian package systemd-boot-efi): %v", host, err)
+			t.Fatal(err)
 		}
 		files[img] = b
 	}

@@ -8,13 +8,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func need(t *testing.T, tools ...string) {
 	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (apt-get install e2fsprogs dosfstools gdisk)", tool)
-		}
+		testenv.RequireTool(t, tool, map[string]string{"mkfs.ext4": "e2fsprogs", "mkfs.vfat": "dosfstools", "sgdisk": "gdisk"}[tool])
 	}
 }
 

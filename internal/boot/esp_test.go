@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/berth-dev/berth/internal/uki"
 )
 
@@ -22,10 +23,8 @@ const hostStub = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 // layout are still checked on FAT; the VM lane covers a mounted ESP.
 func fatESP(t *testing.T) (dir, img string, unmountAndCheck func() string) {
 	t.Helper()
-	for _, tool := range []string{"mkfs.vfat", "fsck.fat", "mdir", "mcopy"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (dosfstools, mtools)", tool)
-		}
+	for tool, pkg := range map[string]string{"mkfs.vfat": "dosfstools", "fsck.fat": "dosfstools", "mdir": "mtools", "mcopy": "mtools"} {
+		testenv.RequireTool(t, tool, pkg)
 	}
 	tmp := t.TempDir()
 	img = filepath.Join(tmp, "esp.img")
@@ -97,9 +96,10 @@ func mdir(t *testing.T, img, dir string) []string {
 
 // testUKI assembles a small real UKI from the host's stub.
 func testUKI(t *testing.T, dir, name, osrel string) string {
+	testenv.RequireFile(t, hostStub, "systemd-boot-efi")
 	stub, err := os.ReadFile(hostStub)
 	if err != nil {
-		t.Skip("host has no systemd-stub (systemd-boot-efi)")
+		t.Fatal(err)
 	}
 	img, _, err := uki.Assemble(uki.Options{Stub: stub, Linux: bytes.Repeat([]byte(name), 1000), Cmdline: "quiet", OSRelease: []byte(osrel)})
 	if err != nil {
@@ -132,9 +132,7 @@ func mustDefault(t *testing.T, esp ESP) string {
 func TestESPLifecycleOnFAT(t *testing.T) {
 	dir, img, check := fatESP(t)
 	esp := ESP{Dir: dir}
-	if _, err := os.Stat("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"); err != nil {
-		t.Skip("host has no systemd-boot (systemd-boot-efi)")
-	}
+	testenv.RequireFile(t, "/usr/lib/systemd/boot/efi/systemd-bootx64.efi", "systemd-boot-efi")
 	if err := esp.InstallSystemdBoot(os.DirFS("/")); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/blkdev"
 	"github.com/berth-dev/berth/internal/efivar"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestLoaderESPDevice finds the ESP by LoaderDevicePartUUID in a fake
@@ -17,9 +18,7 @@ import (
 // mkfs.vfat (the host kernel has no vfat driver, so the mount itself is
 // exercised in the VM lane's upgrade scenarios).
 func TestLoaderESPDevice(t *testing.T) {
-	if _, err := exec.LookPath("mkfs.vfat"); err != nil {
-		t.Skip("mkfs.vfat (dosfstools) is not installed")
-	}
+	testenv.RequireTool(t, "mkfs.vfat", "dosfstools")
 	root := t.TempDir()
 	vars, sys, dev := filepath.Join(root, "efivars"), filepath.Join(root, "sys"), filepath.Join(root, "dev")
 	for _, d := range []string{vars, dev} {

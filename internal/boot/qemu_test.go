@@ -1,8 +1,7 @@
 package boot
 
 import (
-	"bufio"
-	"io"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,14 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/internal/qemu"
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/berth-dev/berth/internal/uki"
 )
 
-const (
-	guestRootfs = "/var/cache/berth-e2e/trixie-rootfs"
-	ovmfCode    = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-	ovmfVars    = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-)
+const guestRootfs = "/var/cache/berth-e2e/trixie-rootfs"
 
 var deployArg = regexp.MustCompile(`Command line:.*berth\.deploy=(\S+)`)
 
@@ -45,52 +42,28 @@ func bootESP(t *testing.T, espDir string) (string, string) {
 		}
 	}
 	vars := filepath.Join(t.TempDir(), "vars.fd")
-	b, err := os.ReadFile(ovmfVars)
+	b, err := os.ReadFile(qemu.OVMFVars)
 	if err != nil {
 		t.Fatal(err)
 	}
 	os.WriteFile(vars, b, 0o644)
 	args := []string{"-machine", "q35", "-m", "1024", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-		"-drive", "if=pflash,format=raw,readonly=on,file=" + ovmfCode,
+		"-drive", "if=pflash,format=raw,readonly=on,file=" + qemu.OVMFCode,
 		"-drive", "if=pflash,format=raw,file=" + vars,
 		"-drive", "file=" + img + ",format=raw,if=virtio"}
-	if _, err := os.Stat("/dev/kvm"); err == nil {
-		args = append(args, "-enable-kvm", "-cpu", "host")
-	}
-	cmd := exec.Command("qemu-system-x86_64", args...)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = cmd.Stdout
-	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	timer := time.AfterFunc(10*time.Minute, func() { cmd.Process.Kill() })
-	defer timer.Stop()
-	var log strings.Builder
 	id := ""
-	sc := bufio.NewScanner(out)
-	for sc.Scan() {
-		line := sc.Text()
-		log.WriteString(line + "\n")
-		if m := deployArg.FindStringSubmatch(line); m != nil {
-			id = m[1]
-			break
-		}
+	res, err := qemu.Run(context.Background(), qemu.RunOptions{Args: args, Timeout: 15 * time.Minute,
+		Until: func(line string) bool {
+			if m := deployArg.FindStringSubmatch(line); m != nil {
+				id = m[1]
+			}
+			return id != ""
+		}})
+	t.Logf("qemu under %s (%s)", res.Accel, res.Why)
+	if err != nil {
+		t.Fatalf("the guest never printed a kernel command line with berth.deploy=: %v\n%s", err, res.Tail(40))
 	}
-	cmd.Process.Kill()
-	io.Copy(io.Discard, out)
-	cmd.Wait()
-	if id == "" {
-		tail := log.String()
-		if len(tail) > 3000 {
-			tail = tail[len(tail)-3000:]
-		}
-		t.Fatalf("the guest never printed a kernel command line with berth.deploy=:\n%s", tail)
-	}
-	t.Logf("booted %s after %s", id, time.Since(start).Round(time.Second))
+	t.Logf("booted %s after %s", id, res.Took.Round(time.Second))
 	return id, img
 }
 
@@ -102,21 +75,17 @@ func TestSystemdBootSelection(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots QEMU three times (minutes without KVM)")
 	}
-	if _, err := os.Stat(guestRootfs + "/.recipe"); err != nil {
-		t.Skip("needs the trixie guest rootfs (test/guest/build-rootfs.sh) for kernel, initrd, systemd-boot and stub")
-	}
-	for _, tool := range []string{"qemu-system-x86_64", "mkfs.vfat", "mcopy", "mdir"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
-	if _, err := os.Stat(ovmfCode); err != nil {
-		t.Skip("OVMF not installed (package ovmf)")
-	}
+	// The guest rootfs gives the kernel, initrd, systemd-boot and stub.
+	testenv.RequireFile(t, guestRootfs+"/.recipe", testenv.Guest)
+	testenv.RequireTool(t, "qemu-system-x86_64", "qemu-system-x86")
+	testenv.RequireTool(t, "mkfs.vfat", "dosfstools")
+	testenv.RequireTool(t, "mcopy", "mtools")
+	testenv.RequireTool(t, "mdir", "mtools")
+	testenv.RequireFile(t, qemu.OVMFCode, "ovmf")
 	kernels, _ := filepath.Glob(guestRootfs + "/boot/vmlinuz-*")
 	initrds, _ := filepath.Glob(guestRootfs + "/boot/initrd.img-*")
 	if len(kernels) == 0 || len(initrds) == 0 {
-		t.Skip("guest rootfs has no kernel/initrd in /boot")
+		t.Fatalf("guest rootfs %s has no kernel/initrd in /boot: rebuild it (%s)", guestRootfs, testenv.Guest)
 	}
 	stub, _, err := uki.FindStub(os.DirFS(guestRootfs))
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -17,7 +18,7 @@ func erofsSuperblocks(t *testing.T) map[string]bool {
 	t.Helper()
 	des, err := os.ReadDir("/sys/fs/erofs")
 	if err != nil {
-		t.Skip("no /sys/fs/erofs to observe EROFS superblocks:", err)
+		testenv.SkipOrFail(t, "required kernel feature EROFS is missing: no /sys/fs/erofs to observe EROFS superblocks: %v", err)
 	}
 	out := map[string]bool{}
 	for _, d := range des {
@@ -127,9 +128,7 @@ func TestMountUnmountLeavesNothing(t *testing.T) {
 // "lowerdir=EROFS::OBJECTS" syntax instead of lowerdir+/datadir+ (6.8).
 func TestMountLoopFallback(t *testing.T) {
 	needMount(t)
-	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		t.Skip("no loop devices:", err)
-	}
+	testenv.RequireFile(t, "/dev/loop-control", "modprobe loop")
 	img, objects, root := sampleImage(t)
 	mnt := t.TempDir()
 	before := erofsSuperblocks(t)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,21 +28,14 @@ import (
 // needMount skips unless the test can mount (root).
 func needMount(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: mounts EROFS and overlayfs")
-	}
+	testenv.RequireRoot(t, "mounts EROFS and overlayfs")
 }
 
 // mountOrSkip mounts and registers the unmount; a kernel without EROFS or
 // the needed overlayfs features skips with the reason.
 func mountOrSkip(t testing.TB, mnt string, opts MountOptions) {
 	t.Helper()
-	if err := Mount(mnt, opts); err != nil {
-		if errors.Is(err, ErrNoErofs) || errors.Is(err, ErrNoOverlayFeature) {
-			t.Skipf("kernel cannot mount composefs: %v", err)
-		}
-		t.Fatal(err)
-	}
+	testenv.RequireFeature(t, Mount(mnt, opts), "composefs mount (EROFS, overlayfs)", ErrNoErofs, ErrNoOverlayFeature)
 	t.Cleanup(func() {
 		if err := Unmount(mnt); err != nil && !errors.Is(err, unix.EINVAL) {
 			t.Errorf("cleanup: %v", err)

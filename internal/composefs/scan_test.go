@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // wtScanTree creates files of the sizes around the inline limit, a
@@ -46,7 +47,7 @@ func wtScanTree(t *testing.T) string {
 	}
 	if err := unix.Setxattr(filepath.Join(dir, "f000001"), "user.test", []byte("value"), 0); err != nil {
 		if errors.Is(err, unix.ENOTSUP) {
-			t.Skip("the temporary directory's filesystem has no user xattrs")
+			testenv.SkipOrFail(t, "the temporary directory's filesystem (%s) has no user xattrs", dir)
 		}
 		t.Fatal(err)
 	}
@@ -205,9 +206,7 @@ func TestScanDirOptions(t *testing.T) {
 // TestScanDirRootOnly covers what needs root: device nodes, foreign
 // owners, trusted.* xattrs, and the object store filled during the scan.
 func TestScanDirRootOnly(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: mknod, chown and trusted.* xattrs")
-	}
+	testenv.RequireRoot(t, "mknod, chown and trusted.* xattrs")
 	dir := wtScanTree(t)
 	if err := unix.Mknod(filepath.Join(dir, "chr"), unix.S_IFCHR|0o600, int(unix.Mkdev(300, 70000))); err != nil {
 		t.Fatal(err)

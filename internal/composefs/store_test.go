@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // storeEntries lists every entry below a store directory, relative to it.
@@ -251,7 +252,7 @@ func TestStoreAbortAndCleanup(t *testing.T) {
 func TestStoreCopyFallback(t *testing.T) {
 	shm, err := os.MkdirTemp("/dev/shm", "berth-store-test-")
 	if err != nil {
-		t.Skip("no /dev/shm to copy from another filesystem:", err)
+		testenv.SkipOrFail(t, "no /dev/shm to copy from another filesystem: %v", err)
 	}
 	defer os.RemoveAll(shm)
 	s, err := OpenStore(t.TempDir(), fsverity.SHA256)

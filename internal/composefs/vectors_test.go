@@ -17,6 +17,7 @@ import (
 	"testing"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // vectorDir finds shared/testdata/composefs: ../shared/testdata beside the
@@ -43,6 +44,8 @@ func vectorDir(t *testing.T) string {
 			}
 		}
 	}
+	// The reference vectors are not part of this repository: without them there is nothing
+	// to compare with, also under CI.
 	t.Skipf("composefs reference vectors (make-trees.sh, EXPECTED-DIGESTS.txt) not found in %v", candidates)
 	return ""
 }
@@ -137,13 +140,9 @@ func wtParseExpected(t *testing.T, path string) wtVectorFile {
 // xattrs) and returns the directory holding tree1 and tree2.
 func makeTrees(t *testing.T, dir string) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: make-trees.sh creates device nodes, foreign owners and trusted.* xattrs")
-	}
-	for _, tool := range []string{"setfattr", "setfacl", "mknod"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("make-trees.sh needs %s (Debian packages attr, acl, coreutils)", tool)
-		}
+	testenv.RequireRoot(t, "make-trees.sh creates device nodes, foreign owners and trusted.* xattrs")
+	for tool, pkg := range map[string]string{"setfattr": "attr", "setfacl": "acl", "mknod": "coreutils"} {
+		testenv.RequireTool(t, tool, pkg) // make-trees.sh needs it
 	}
 	out := t.TempDir()
 	cmd := exec.Command("bash", filepath.Join(dir, "make-trees.sh"), out)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // wtWrite writes root and fails the test on error.
@@ -32,9 +33,7 @@ func wtWrite(t testing.TB, root *Inode, opts WriteOptions) []byte {
 // when the kernel cannot mount EROFS.
 func wtMount(t testing.TB, img []byte) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to loop-mount the image")
-	}
+	testenv.RequireRoot(t, "loop-mounts the image")
 	dir := t.TempDir()
 	file := filepath.Join(dir, "image.cfs")
 	if err := os.WriteFile(file, img, 0o644); err != nil {
@@ -46,7 +45,10 @@ func wtMount(t testing.TB, img []byte) string {
 	}
 	out, err := exec.Command("mount", "-t", "erofs", "-o", "loop,ro", file, mnt).CombinedOutput()
 	if err != nil {
-		t.Skipf("cannot mount EROFS here (%v: %s)", err, bytes.TrimSpace(out))
+		if bytes.Contains(out, []byte("unknown filesystem type")) {
+			testenv.SkipOrFail(t, "required kernel feature EROFS is missing (%v: %s)", err, bytes.TrimSpace(out))
+		}
+		t.Fatalf("mount -t erofs -o loop: %v: %s", err, bytes.TrimSpace(out))
 	}
 	t.Cleanup(func() {
 		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {

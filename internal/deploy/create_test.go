@@ -19,6 +19,7 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func mustWrite(t *testing.T, p string, data []byte, mode os.FileMode) {
@@ -77,9 +78,7 @@ func testRuntime(t *testing.T) *runtime.Set {
 }
 
 func TestCreate(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (chown while seeding state, erofs and overlay mounts)")
-	}
+	testenv.RequireRoot(t, "chown while seeding state, erofs and overlay mounts")
 	l := store.At(t.TempDir())
 	if err := l.Init(); err != nil {
 		t.Fatal(err)
@@ -227,9 +226,9 @@ func mountComposefs(t *testing.T, image, objects string) string {
 	meta, mnt := filepath.Join(dir, "meta"), filepath.Join(dir, "mnt")
 	os.Mkdir(meta, 0o755)
 	os.Mkdir(mnt, 0o755)
-	if err := unix.Mount(image, meta, "erofs", unix.MS_RDONLY, ""); err != nil {
-		t.Skipf("kernel cannot mount a file-backed EROFS image here: %v", err)
-	}
+	// ENODEV: no EROFS; ENOTBLK: EROFS that cannot mount a file (before Linux 6.12).
+	testenv.RequireFeature(t, unix.Mount(image, meta, "erofs", unix.MS_RDONLY, ""),
+		"file-backed EROFS mount", unix.ENODEV, unix.ENOTBLK)
 	t.Cleanup(func() { unix.Unmount(meta, unix.MNT_DETACH) })
 	opts := "ro,lowerdir=" + meta + "::" + objects + ",metacopy=on,redirect_dir=on"
 	if err := unix.Mount("overlay", mnt, "overlay", unix.MS_RDONLY, opts); err != nil {

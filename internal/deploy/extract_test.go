@@ -14,6 +14,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // putObject stores content in a plain object directory under a made-up
@@ -38,9 +39,7 @@ func reg(mode uint32, uid, gid uint32, inline []byte) *composefs.Inode {
 }
 
 func TestExtractTree(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (chown, mknod, trusted xattrs)")
-	}
+	testenv.RequireRoot(t, "chown, mknod, trusted xattrs")
 	tmp := t.TempDir()
 	objects := filepath.Join(tmp, "objects")
 	big := bytes.Repeat([]byte("berth object content\n"), 1000)
@@ -152,9 +151,7 @@ func TestExtractTreeHostile(t *testing.T) {
 }
 
 func TestSeedState(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (chown)")
-	}
+	testenv.RequireRoot(t, "chown")
 	l := store.At(t.TempDir())
 	if err := l.Init(); err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/foxboron/go-uefi/efi/device"
 	"golang.org/x/sys/unix"
 )
@@ -83,9 +84,7 @@ func TestLoaderVariables(t *testing.T) {
 // TestImmutableFlag checks that writers clear FS_IMMUTABLE_FL as efivarfs
 // requires, on a real filesystem with inode flags (ext4 here).
 func TestImmutableFlag(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("setting the immutable flag needs root (CAP_LINUX_IMMUTABLE)")
-	}
+	testenv.RequireRoot(t, "setting the immutable flag needs CAP_LINUX_IMMUTABLE")
 	dir := t.TempDir()
 	s := Store{Dir: dir}
 	if err := s.SetLoaderEntryDefault("a"); err != nil {
@@ -99,11 +98,11 @@ func TestImmutableFlag(t *testing.T) {
 	flags, err := unix.IoctlGetInt(int(f.Fd()), unix.FS_IOC_GETFLAGS)
 	if err != nil {
 		f.Close()
-		t.Skipf("filesystem of %s has no inode flags: %v", dir, err)
+		testenv.SkipOrFail(t, "filesystem of %s has no inode flags: %v", dir, err)
 	}
 	if err := unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, flags|fsImmutableFl); err != nil {
 		f.Close()
-		t.Skipf("cannot set the immutable flag here: %v", err)
+		testenv.SkipOrFail(t, "cannot set the immutable flag here: %v", err)
 	}
 	f.Close()
 	t.Cleanup(func() { clearImmutable(p) })
@@ -207,9 +206,7 @@ func TestBootEntries(t *testing.T) {
 // writes for a partition's unique GUID in a GPT (the same EFI_GUID layout
 // the HD() device path node uses).
 func TestGUIDBytesMatchGPT(t *testing.T) {
-	if _, err := exec.LookPath("sgdisk"); err != nil {
-		t.Skip("sgdisk not installed (package gdisk)")
-	}
+	testenv.RequireTool(t, "sgdisk", "gdisk")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(img, make([]byte, 4<<20), 0o644); err != nil {
 		t.Fatal(err)

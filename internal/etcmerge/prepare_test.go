@@ -20,6 +20,7 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // rootTree builds an image root from full paths ("usr/bin/x"; a spec
@@ -118,9 +119,7 @@ func readJSON(t *testing.T, p string, v any) {
 }
 
 func TestPrepareMergeAndCarry(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: mounts the composefs images and writes whiteouts and owners into upper directories")
-	}
+	testenv.RequireRoot(t, "mounts the composefs images and writes whiteouts and owners into upper directories")
 	sysroot := t.TempDir()
 	l := store.At(sysroot)
 	must(t, l.Init())
@@ -160,10 +159,9 @@ func TestPrepareMergeAndCarry(t *testing.T) {
 	// Make A's local changes through its mounted overlay, so the upper
 	// holds what overlayfs really writes (metacopy, redirects, whiteouts).
 	mnt := t.TempDir()
-	if err := composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(old.ComposefsDigest), Objects: l.Objects(),
-		Upper: filepath.Join(l.Deployment(old.ID), "upper"), Work: filepath.Join(l.Deployment(old.ID), "work")}); err != nil {
-		t.Skipf("cannot mount composefs here: %v", err)
-	}
+	testenv.RequireFeature(t, composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(old.ComposefsDigest), Objects: l.Objects(),
+		Upper: filepath.Join(l.Deployment(old.ID), "upper"), Work: filepath.Join(l.Deployment(old.ID), "work")}),
+		"composefs mount (EROFS, overlayfs)", composefs.ErrNoErofs, composefs.ErrNoOverlayFeature)
 	m := func(p string) string { return filepath.Join(mnt, p) }
 	must(t, os.WriteFile(m("etc/hostname"), []byte("my-host\n"), 0o644))
 	must(t, os.WriteFile(m("etc/fstab"), []byte("# base fstab\n/dev/vdb /data ext4 defaults 0 2\n"), 0o644))

@@ -23,6 +23,7 @@ import (
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func must(t *testing.T, err error) {
@@ -119,9 +120,7 @@ type fixture struct {
 // deployment of it and its boot entry on an ESP at efi/.
 func newStore(t *testing.T) *fixture {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deploy.Create gives the deployment root's ownership")
-	}
+	testenv.RequireRoot(t, "deploy.Create gives the deployment root's ownership")
 	work := t.TempDir()
 	layout := filepath.Join(work, "layout")
 	writeLayout(t, layout, "")

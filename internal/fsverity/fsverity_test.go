@@ -11,16 +11,15 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
 // toolDigest runs the Debian fsverity tool, the reference implementation.
 func toolDigest(t *testing.T, path string, alg Algorithm) []byte {
 	t.Helper()
-	bin, err := exec.LookPath("fsverity")
-	if err != nil {
-		t.Skip("fsverity tool (Debian package fsverity) not installed; it is the reference for these digests")
-	}
+	// The Debian fsverity tool is the reference for these digests.
+	bin := testenv.RequireTool(t, "fsverity", "fsverity")
 	out, err := exec.Command(bin, "digest", "--hash-alg="+alg.String(), "--block-size=4096", path).CombinedOutput()
 	if err != nil {
 		t.Fatalf("fsverity digest %s: %v: %s", path, err, out)

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"testing/fstest"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/klauspost/compress/zstd"
 	"github.com/u-root/u-root/pkg/cpio"
 )
@@ -28,21 +29,22 @@ func staticInit(t *testing.T) string {
 	}
 	f, err := elf.Open(exe)
 	if err != nil {
-		t.Skipf("test binary is not ELF: %v", err)
+		testenv.SkipOrFail(t, "test binary is not ELF: %v", err)
 	}
 	defer f.Close()
 	for _, p := range f.Progs {
 		if p.Type == elf.PT_INTERP {
-			t.Skip("test binary is dynamically linked (run with CGO_ENABLED=0)")
+			testenv.SkipOrFail(t, "test binary is dynamically linked (run with CGO_ENABLED=0, as make unit does)")
 		}
 	}
 	return exe
 }
 
 func trixieKver(t *testing.T) string {
+	testenv.RequireFile(t, filepath.Join(trixie, ".recipe"), testenv.Guest)
 	ents, _ := os.ReadDir(filepath.Join(trixie, "usr/lib/modules"))
-	if _, err := os.Stat(filepath.Join(trixie, ".recipe")); err != nil || len(ents) == 0 {
-		t.Skip("trixie rootfs not built (run test/guest/build-rootfs.sh; needs mmdebstrap)")
+	if len(ents) == 0 {
+		t.Fatalf("guest rootfs %s has no /usr/lib/modules: rebuild it (%s)", trixie, testenv.Guest)
 	}
 	return ents[0].Name()
 }
@@ -192,7 +194,7 @@ func TestBuildTrixie(t *testing.T) {
 		t.Errorf("missing modules for %s: %v", kver, rep.Missing)
 	}
 	var listed []string
-	if _, err := exec.LookPath("cpio"); err == nil {
+	if testenv.HaveTool(t, "cpio", "cpio") {
 		c := exec.Command("sh", "-c", "zstd -dc | cpio -t --quiet")
 		c.Stdin = bytes.NewReader(out.Bytes())
 		o, err := c.Output()

@@ -15,7 +15,9 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/fsverity"
+	"github.com/berth-dev/berth/internal/qemu"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestQEMUSmoke boots Debian trixie's kernel with berth's initramfs under
@@ -33,11 +35,9 @@ func TestQEMUSmoke(t *testing.T) {
 		t.Skip("set BERTH_QEMU_SMOKE=1 to boot the trixie kernel under QEMU (about a minute per boot with TCG)")
 	}
 	kver := trixieKver(t)
-	for _, tool := range []string{"qemu-system-x86_64", "mkfs.ext4", "go"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	testenv.RequireTool(t, "qemu-system-x86_64", "qemu-system-x86")
+	testenv.RequireTool(t, "mkfs.ext4", "e2fsprogs")
+	testenv.RequireTool(t, "go", "golang (or /usr/local/go/bin in PATH)")
 	dir := t.TempDir()
 	gobuild := func(out, pkg string) {
 		c := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, pkg)
@@ -116,20 +116,20 @@ func TestQEMUSmoke(t *testing.T) {
 	var boot func(n int, args string) string
 	retried := false
 	boot = func(n int, args string) string {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		defer cancel()
-		accel := "tcg,thread=multi"
-		c := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", accel, "-cpu", "qemu64", "-m", "1024", "-smp", "2",
-			"-nographic", "-no-reboot", "-kernel", filepath.Join(trixie, "boot", "vmlinuz-"+kver), "-initrd", initrd,
-			"-drive", "file="+disk+",if=virtio,format=raw",
-			"-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check root=LABEL=berth-smoke "+args)
-		start := time.Now()
-		out, err := c.CombinedOutput()
-		log := string(out)
+		// The guest powers off (or reboots, with -no-reboot an exit) by itself.
+		res, err := qemu.Run(context.Background(), qemu.RunOptions{Timeout: 10 * time.Minute,
+			Args: []string{"-m", "1024", "-smp", "2",
+				"-nographic", "-no-reboot", "-kernel", filepath.Join(trixie, "boot", "vmlinuz-"+kver), "-initrd", initrd,
+				"-drive", "file=" + disk + ",if=virtio,format=raw",
+				"-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check root=LABEL=berth-smoke " + args}})
+		log := res.Console
 		if keep := os.Getenv("BERTH_QEMU_LOGDIR"); keep != "" {
-			os.WriteFile(filepath.Join(keep, fmt.Sprintf("serial%d.log", n)), out, 0o644)
+			os.WriteFile(filepath.Join(keep, fmt.Sprintf("serial%d.log", n)), []byte(log), 0o644)
 		}
-		t.Logf("boot %d: qemu exited after %s (%v); serial (berth and guest lines):", n, time.Since(start).Round(time.Second), err)
+		if qemu.IsSilent(err) {
+			t.Fatalf("boot %d: %v", n, err)
+		}
+		t.Logf("boot %d under %s: qemu exited after %s (%v); serial (berth and guest lines):", n, res.Accel, res.Took.Round(time.Second), err)
 		for _, l := range strings.Split(log, "\n") {
 			if strings.Contains(l, "berth") || strings.Contains(l, "GUEST") || strings.Contains(l, "Kernel panic") ||
 				strings.Contains(l, "overlayfs") || strings.Contains(l, "erofs") || strings.Contains(l, "Problem:") || strings.Contains(l, "Fix:") || strings.Contains(l, "reboot:") {
@@ -219,12 +219,8 @@ func TestQEMUSmoke(t *testing.T) {
 	// Boot 4: the entry names an image whose content is not what its name
 	// says (a copy of the real image under another digest). berth-init must
 	// refuse on the console and reboot (qemu -no-reboot then exits).
-	if _, err := exec.LookPath("debugfs"); err != nil {
-		t.Skip("debugfs not installed: the refusal boot is skipped")
-	}
-	if _, err := exec.LookPath("e2fsck"); err != nil {
-		t.Skip("e2fsck not installed: the refusal boot is skipped")
-	}
+	testenv.RequireTool(t, "debugfs", "e2fsprogs")
+	testenv.RequireTool(t, "e2fsck", "e2fsprogs")
 	// The guest powers off without unmounting: replay the journal first, or
 	// debugfs (which ignores it) corrupts directories.
 	if o, err := exec.Command("e2fsck", "-fy", disk).CombinedOutput(); err != nil {

@@ -35,6 +35,7 @@ import (
 	"github.com/berth-dev/berth/internal/progress"
 	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/berth-dev/berth/internal/uki"
 )
 
@@ -43,13 +44,10 @@ const hostBoot = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (loop devices, mkfs, mount)")
-	}
+	testenv.RequireRoot(t, "loop devices, mkfs, mount")
 	for _, tool := range []string{"sgdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "fsck.fat", "mtype"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (%s)", tool, packageOf(tool))
-		}
+		testenv.RequireTool(t, tool, map[string]string{"sgdisk": "gdisk", "mkfs.vfat": "dosfstools", "fsck.fat": "dosfstools",
+			"mkfs.ext4": "e2fsprogs", "mcopy": "mtools", "mtype": "mtools"}[tool])
 	}
 }
 
@@ -122,9 +120,10 @@ func fakeImageFiles(t *testing.T, kver string, withKernel bool) map[string][]byt
 		files["usr/lib/modules/"+kver+"/vmlinuz"] = kernel
 	}
 	for img, host := range map[string]string{"usr/lib/systemd/boot/efi/linuxx64.efi.stub": hostStub, "usr/lib/systemd/boot/efi/systemd-bootx64.efi": hostBoot} {
+		testenv.RequireFile(t, host, "systemd-boot-efi")
 		b, err := os.ReadFile(host)
 		if err != nil {
-			t.Skipf("host has no %s (Debian package systemd-boot-efi): %v", host, err)
+			t.Fatal(err)
 		}
 		files[img] = b
 	}
@@ -617,9 +616,7 @@ func bootESP(dir string) boot.ESP { return boot.ESP{Dir: dir} }
 
 func TestToDiskBtrfs(t *testing.T) {
 	needRoot(t)
-	if _, err := exec.LookPath("mkfs.btrfs"); err != nil {
-		t.Skip("mkfs.btrfs not installed (btrfs-progs)")
-	}
+	testenv.RequireTool(t, "mkfs.btrfs", "btrfs-progs")
 	const kver = "6.1.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	disk := filepath.Join(t.TempDir(), "disk.img")

@@ -13,6 +13,7 @@ import (
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 var helloBytes = bytes.Repeat([]byte("hello, world\n"), 200) // external: > inline limit
@@ -21,9 +22,7 @@ var helloBytes = bytes.Repeat([]byte("hello, world\n"), 200) // external: > inli
 // external file), /opt and a per-deployment /var/lib/dpkg.
 func testDeployment(t *testing.T) (store.Layout, *deploy.Deployment) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deployments are root-owned and the tests mount overlays")
-	}
+	testenv.RequireRoot(t, "deployments are root-owned and the tests mount overlays")
 	l := store.At(t.TempDir())
 	if err := l.Init(); err != nil {
 		t.Fatal(err)
@@ -76,9 +75,8 @@ func mountDeployment(t *testing.T, l store.Layout, d *deploy.Deployment) (string
 	t.Helper()
 	mnt := t.TempDir()
 	dd := l.Deployment(d.ID)
-	if err := composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(d.ComposefsDigest), Objects: l.Objects(), Upper: filepath.Join(dd, "upper"), Work: filepath.Join(dd, "work")}); err != nil {
-		t.Skipf("cannot mount a composefs overlay here: %v", err)
-	}
+	testenv.RequireFeature(t, composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(d.ComposefsDigest), Objects: l.Objects(), Upper: filepath.Join(dd, "upper"), Work: filepath.Join(dd, "work")}),
+		"composefs mount (EROFS, overlayfs)", composefs.ErrNoErofs, composefs.ErrNoOverlayFeature)
 	done := false
 	umount := func() {
 		if !done {

@@ -6,15 +6,13 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func TestAttachPartitions(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (loop devices)")
-	}
-	if _, err := exec.LookPath("sgdisk"); err != nil {
-		t.Skip("sgdisk not installed (gdisk)")
-	}
+	testenv.RequireRoot(t, "loop devices")
+	testenv.RequireTool(t, "sgdisk", "gdisk")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -34,6 +32,7 @@ func TestAttachPartitions(t *testing.T) {
 		t.Errorf("backing file = %q, want %q", got, img)
 	}
 	if !KernelReadsGPT() {
+		// By design, also under CI: a kernel option of the host, and install does not need it.
 		t.Skip("this kernel has no GPT partition support (CONFIG_EFI_PARTITION); windows are tested in TestAttachWindow")
 	}
 	for _, n := range []int{1, 2} {
@@ -64,9 +63,7 @@ func TestAttachPartitions(t *testing.T) {
 }
 
 func TestAttachWindow(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (loop devices)")
-	}
+	testenv.RequireRoot(t, "loop devices")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	data := make([]byte, 3<<20)
 	for i := range data {

@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // extractWithTar builds the reference tree the way a container runtime
@@ -140,12 +140,8 @@ func listXattrs(t *testing.T, p string) string {
 // entry by entry: type, mode, owner, size, content, mtime, device numbers,
 // symlink targets, xattrs and hardlink groups.
 func TestMountedImageEqualsTarExtract(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: mounts the composefs image and extracts tar with owners, devices and security xattrs")
-	}
-	if _, err := exec.LookPath("tar"); err != nil {
-		t.Skip("GNU tar not installed")
-	}
+	testenv.RequireRoot(t, "mounts the composefs image and extracts tar with owners, devices and security xattrs")
+	testenv.RequireTool(t, "tar", "tar")
 	layers := standardLayers(t)
 	work := t.TempDir()
 	(&testImage{layers: layers}).build(t).writeOCILayout(t, work, "v1")
@@ -159,10 +155,7 @@ func TestMountedImageEqualsTarExtract(t *testing.T) {
 	mnt := t.TempDir()
 	l := store.At(sysroot)
 	err = composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(img.ComposefsDigest), Objects: l.Objects()})
-	if errors.Is(err, composefs.ErrNoErofs) || errors.Is(err, composefs.ErrNoOverlayFeature) {
-		t.Skipf("kernel cannot mount composefs: %v", err)
-	}
-	must(t, err)
+	testenv.RequireFeature(t, err, "composefs mount (EROFS, overlayfs)", composefs.ErrNoErofs, composefs.ErrNoOverlayFeature)
 	defer composefs.Unmount(mnt)
 
 	want := describeTree(t, ref)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // standardLayers is a multi-layer image exercising whiteouts, opaque
@@ -388,9 +389,7 @@ func TestPolicyRejects(t *testing.T) {
 // A sparse file (GNU tar --sparse, PAX 1.0 sparse format) imports with its
 // full logical content.
 func TestSparseLayer(t *testing.T) {
-	if _, err := exec.LookPath("tar"); err != nil {
-		t.Skip("GNU tar not installed: cannot build a sparse layer")
-	}
+	testenv.RequireTool(t, "tar", "tar") // GNU tar builds the sparse layer
 	src := t.TempDir()
 	f, err := os.Create(filepath.Join(src, "sparse"))
 	must(t, err)

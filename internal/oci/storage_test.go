@@ -6,18 +6,16 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // containers-storage: (podman's local store) gives the same composefs
 // digest as the OCI layout the image came from. skopeo puts the image
 // there, with the vfs driver in a private store.
 func TestPullFromContainersStorage(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: containers-storage with the vfs driver keeps file owners")
-	}
-	if _, err := exec.LookPath("skopeo"); err != nil {
-		t.Skip("skopeo not installed: cannot fill a containers-storage store")
-	}
+	testenv.RequireRoot(t, "containers-storage with the vfs driver keeps file owners")
+	testenv.RequireTool(t, "skopeo", "skopeo") // fills the containers-storage store
 	layers := standardLayers(t)
 	work := t.TempDir()
 	(&testImage{layers: layers}).build(t).writeOCILayout(t, filepath.Join(work, "layout"), "v1")
@@ -29,7 +27,7 @@ func TestPullFromContainersStorage(t *testing.T) {
 	cmd := exec.Command("skopeo", "--policy", opts.PolicyPath, "copy", "oci:"+filepath.Join(work, "layout")+":v1", storeSpec)
 	cmd.Env = append(os.Environ(), "CONTAINERS_REGISTRIES_CONF="+opts.SystemContext.SystemRegistriesConfPath)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Skipf("skopeo could not fill a vfs containers-storage here: %v\n%s", err, out)
+		testenv.SkipOrFail(t, "skopeo could not fill a vfs containers-storage here: %v\n%s", err, out)
 	}
 	got, err := Pull(context.Background(), storeSpec, testPullOptions(t, t.TempDir()))
 	if err != nil {

@@ -5,15 +5,14 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
 // TestMarkers reads whiteouts and opaque directories written the two ways
 // overlayfs writes them (needs root: mknod and trusted.* xattrs).
 func TestMarkers(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: whiteouts are device nodes and the markers are trusted.* xattrs")
-	}
+	testenv.RequireRoot(t, "whiteouts are device nodes and the markers are trusted.* xattrs")
 	dir := t.TempDir()
 	p := func(n string) string { return filepath.Join(dir, n) }
 	if err := unix.Mknod(p("chr"), unix.S_IFCHR|0o600, 0); err != nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/runtime"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func writeFile(t *testing.T, p string, data []byte, mode os.FileMode) {
@@ -132,9 +133,7 @@ func TestCollectAndInject(t *testing.T) {
 	// runtime collected from that installed system is the same set.
 	sys := filepath.Join(t.TempDir(), "sys")
 	if err := deploy.ExtractTree(sys, root, st.Dir()); err != nil {
-		if os.Geteuid() != 0 {
-			t.Skip("the rest needs root (chown while extracting)")
-		}
+		testenv.RequireRoot(t, "the rest chowns while extracting")
 		t.Fatal(err)
 	}
 	again, err := runtime.Collect(runtime.Options{BinDir: filepath.Join(sys, "usr/lib/berth"), SysRoot: sys})

@@ -35,7 +35,25 @@ func (s *setup) seal() error {
 	}
 	start := time.Now()
 	s.info("sealing the repository with fs-verity (it was installed on a kernel without fs-verity)...")
+	// Sealing thousands of objects takes minutes under emulation: a line every 30 s says the
+	// boot is alive (and keeps a console watchdog, as the VM lane's, from taking it for hung).
+	done, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(30 * time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+				s.info("still sealing (%s)...", time.Since(start).Round(time.Second))
+			}
+		}
+	}()
 	res, err := SealRepository(s.l.Repo())
+	close(done)
+	<-stopped
 	if errors.Is(err, fsverity.ErrNotSupported) {
 		s.warn("cannot seal the repository: %v; %s stays in place", err, marker)
 		return nil

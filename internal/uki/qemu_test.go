@@ -1,14 +1,15 @@
 package uki
 
 import (
-	"bufio"
-	"io"
+	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/qemu"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestUKIBootsInQEMU boots UKIs built on each real stub (Debian 12's 252 and
@@ -19,22 +20,17 @@ func TestUKIBootsInQEMU(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots QEMU once per stub (a minute or more each without KVM)")
 	}
-	if !guestReady() {
-		t.Skip("needs the trixie guest rootfs (test/guest/build-rootfs.sh) for a kernel and initrd")
-	}
-	for _, tool := range []string{"qemu-system-x86_64", "mkfs.vfat", "mcopy", "mmd"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
-	const code, varsTmpl = "/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"
-	if _, err := os.Stat(code); err != nil {
-		t.Skip("OVMF not installed")
-	}
+	// The guest rootfs gives a kernel and initrd.
+	testenv.RequireFile(t, guestRootfs+"/.recipe", testenv.Guest)
+	testenv.RequireTool(t, "qemu-system-x86_64", "qemu-system-x86")
+	testenv.RequireTool(t, "mkfs.vfat", "dosfstools")
+	testenv.RequireTool(t, "mcopy", "mtools")
+	testenv.RequireTool(t, "mmd", "mtools")
+	testenv.RequireFile(t, qemu.OVMFCode, "ovmf")
 	kernels, _ := filepath.Glob(guestRootfs + "/boot/vmlinuz-*")
 	initrds, _ := filepath.Glob(guestRootfs + "/boot/initrd.img-*")
 	if len(kernels) == 0 || len(initrds) == 0 {
-		t.Skip("guest rootfs has no kernel/initrd in /boot")
+		t.Fatalf("guest rootfs %s has no kernel/initrd in /boot: rebuild it (%s)", guestRootfs, testenv.Guest)
 	}
 	linux, _ := os.ReadFile(kernels[0])
 	initrd, _ := os.ReadFile(initrds[0])
@@ -59,49 +55,22 @@ func TestUKIBootsInQEMU(t *testing.T) {
 				run(t, c[0], c[1:]...)
 			}
 			vars := filepath.Join(dir, "vars.fd")
-			os.WriteFile(vars, mustRead(t, varsTmpl), 0o644)
+			os.WriteFile(vars, mustRead(t, qemu.OVMFVars), 0o644)
 			args := []string{"-machine", "q35", "-m", "1024", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-				"-drive", "if=pflash,format=raw,readonly=on,file=" + code, "-drive", "if=pflash,format=raw,file=" + vars,
+				"-drive", "if=pflash,format=raw,readonly=on,file=" + qemu.OVMFCode, "-drive", "if=pflash,format=raw,file=" + vars,
 				"-drive", "file=" + img + ",format=raw,if=virtio"}
-			if _, err := os.Stat("/dev/kvm"); err == nil {
-				args = append(args, "-enable-kvm", "-cpu", "host")
-			}
-			cmd := exec.Command("qemu-system-x86_64", args...)
-			pipe, _ := cmd.StdoutPipe()
-			cmd.Stderr = cmd.Stdout
-			start := time.Now()
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			timer := time.AfterFunc(8*time.Minute, func() { cmd.Process.Kill() })
-			defer timer.Stop()
-			var log strings.Builder
 			sawCmdline, sawInitrd := false, false
-			s := bufio.NewScanner(pipe)
-			for s.Scan() {
-				line := s.Text()
-				log.WriteString(line + "\n")
-				if strings.Contains(line, "Command line: "+cmdline) {
-					sawCmdline = true
-				}
-				if strings.Contains(line, "Freeing initrd memory") {
-					sawInitrd = true
-				}
-				if sawCmdline && sawInitrd {
-					break
-				}
+			res, err := qemu.Run(context.Background(), qemu.RunOptions{Args: args, Timeout: 15 * time.Minute,
+				Until: func(line string) bool {
+					sawCmdline = sawCmdline || strings.Contains(line, "Command line: "+cmdline)
+					sawInitrd = sawInitrd || strings.Contains(line, "Freeing initrd memory")
+					return sawCmdline && sawInitrd
+				}})
+			t.Logf("qemu under %s (%s)", res.Accel, res.Why)
+			if err != nil {
+				t.Fatalf("kernel command line seen: %v, initrd freed: %v: %v; serial:\n%s", sawCmdline, sawInitrd, err, res.Tail(40))
 			}
-			cmd.Process.Kill()
-			io.Copy(io.Discard, pipe)
-			cmd.Wait()
-			if !sawCmdline || !sawInitrd {
-				l := log.String()
-				if len(l) > 3000 {
-					l = l[len(l)-3000:]
-				}
-				t.Fatalf("kernel command line seen: %v, initrd freed: %v; serial:\n%s", sawCmdline, sawInitrd, l)
-			}
-			t.Logf("kernel started with the UKI's command line and initrd after %s", time.Since(start).Round(time.Second))
+			t.Logf("kernel started with the UKI's command line and initrd after %s", res.Took.Round(time.Second))
 		})
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 const (
@@ -35,7 +37,7 @@ func realStubs(t *testing.T) []stubCase {
 		out = append(out, stubCase{"trixie", guestRootfs + "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"})
 	}
 	if len(out) == 0 {
-		t.Skip("no systemd-stub here: install systemd-boot-efi (test/deps.sh) or build the guest rootfs (test/guest/build-rootfs.sh)")
+		testenv.SkipOrFail(t, "no systemd-stub here: apt-get install systemd-boot-efi, or build the guest rootfs (%s)", testenv.Guest)
 	}
 	return out
 }
@@ -81,11 +83,13 @@ func testOptions(t *testing.T, stub string) Options {
 	}
 }
 
+// toolPackage names the Debian package of each tool the tests run.
+var toolPackage = map[string]string{"objdump": "binutils", "objcopy": "binutils", "osslsigncode": "osslsigncode",
+	"openssl": "openssl", "sbverify": "sbsigntool"}
+
 func need(t *testing.T, tools ...string) {
 	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (test/deps.sh installs it)", tool)
-		}
+		testenv.RequireTool(t, tool, toolPackage[tool])
 	}
 }
 
@@ -475,9 +479,7 @@ func TestHostileStubs(t *testing.T) {
 }
 
 func TestFindStub(t *testing.T) {
-	if _, err := os.Stat(hostStub); err != nil {
-		t.Skip("host has no systemd-boot-efi")
-	}
+	testenv.RequireFile(t, hostStub, "systemd-boot-efi")
 	b, name, err := FindStub(os.DirFS("/"))
 	if err != nil || name != "usr/lib/systemd/boot/efi/linuxx64.efi.stub" || len(b) == 0 {
 		t.Fatalf("FindStub: %q %v", name, err)
@@ -491,9 +493,10 @@ func TestFindStub(t *testing.T) {
 // TestRelocationIntoMovedSection: the 252 stub's .sbat/.sdmagic may only be
 // moved when no base relocation patches them.
 func TestRelocationIntoMovedSection(t *testing.T) {
+	testenv.RequireFile(t, hostStub, "systemd-boot-efi")
 	b, err := os.ReadFile(hostStub)
 	if err != nil {
-		t.Skip("host has no systemd-boot-efi")
+		t.Fatal(err)
 	}
 	p, err := parsePE(b)
 	if err != nil {
@@ -502,6 +505,7 @@ func TestRelocationIntoMovedSection(t *testing.T) {
 	i := p.find(".sdmagic")
 	rrva, size := p.dataDir(dirBaseReloc)
 	if i < 0 || size < 10 {
+		// A property of the stub, not of the machine: nothing to test with this one.
 		t.Skip("this stub has no .sdmagic after .sbat or no relocations")
 	}
 	opts := Options{Stub: b, Linux: []byte("kernel"), Cmdline: "x"}
@@ -528,12 +532,8 @@ func TestRelocationIntoMovedSection(t *testing.T) {
 // toolsRoot returns the cached trixie tools chroot (test/uki/build-tools.sh),
 // building it when mmdebstrap is there.
 func toolsRoot(t *testing.T) string {
-	if os.Geteuid() != 0 {
-		t.Skip("the trixie tools chroot needs root (mmdebstrap, chroot)")
-	}
-	if _, err := exec.LookPath("mmdebstrap"); err != nil {
-		t.Skip("mmdebstrap is not installed: cannot build the trixie tools chroot")
-	}
+	testenv.RequireRoot(t, "the trixie tools chroot (mmdebstrap, chroot)")
+	testenv.RequireTool(t, "mmdebstrap", "mmdebstrap")
 	out, err := exec.Command("../../test/uki/build-tools.sh").Output()
 	if err != nil {
 		t.Fatalf("test/uki/build-tools.sh: %v", err)
@@ -544,9 +544,7 @@ func toolsRoot(t *testing.T) string {
 // TestMatchesUkify builds the same UKI with systemd 257's ukify and with
 // Build: every section's content (including the merged .sbat) is the same.
 func TestMatchesUkify(t *testing.T) {
-	if !guestReady() {
-		t.Skip("needs the trixie guest rootfs for a real kernel and initrd")
-	}
+	testenv.RequireFile(t, guestRootfs+"/.recipe", testenv.Guest) // a real kernel and initrd
 	root := toolsRoot(t)
 	work, err := os.MkdirTemp(filepath.Join(root, "tmp"), "berth-uki-test-")
 	if err != nil {

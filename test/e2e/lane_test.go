@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"github.com/berth-dev/berth/test/e2e/harness"
 )
 
@@ -44,9 +45,7 @@ func setup(t *testing.T) {
 	if os.Getenv("BERTH_E2E") != "1" {
 		t.Skip("VM lane: set BERTH_E2E=1 (test/e2e/run.sh does) to boot VMs")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("VM lane: needs root (mmdebstrap, loop-free disk editing, berth install)")
-	}
+	testenv.RequireRoot(t, "VM lane: mmdebstrap, loop-free disk editing, berth install")
 	lane.once.Do(func() {
 		ctx := context.Background()
 		if lane.src, lane.err = harness.RepoRoot(); lane.err != nil {

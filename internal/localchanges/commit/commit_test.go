@@ -30,6 +30,7 @@ import (
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/overlay"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestMain lets containers/storage run its helpers (it re-executes the
@@ -134,9 +135,7 @@ func pullOptions(t *testing.T, sysroot string) oci.PullOptions {
 // baseDeployment pulls a two-layer test image from an oci-archive and
 // deploys it.
 func baseDeployment(t *testing.T) (store.Layout, *deploy.Deployment, *oci.Image, oci.PullOptions) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deployments are root-owned and commit mounts overlays")
-	}
+	testenv.RequireRoot(t, "deployments are root-owned and commit mounts overlays")
 	l1 := makeTar(t, []ent{
 		{name: "etc/", typ: tar.TypeDir, mode: 0o755},
 		{name: "etc/hostname", typ: tar.TypeReg, mode: 0o644, body: "image\n"},
@@ -181,9 +180,8 @@ func baseDeployment(t *testing.T) (store.Layout, *deploy.Deployment, *oci.Image,
 func mountDeployment(t *testing.T, l store.Layout, d *deploy.Deployment) (string, func()) {
 	mnt := t.TempDir()
 	dd := l.Deployment(d.ID)
-	if err := composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(d.ComposefsDigest), Objects: l.Objects(), Upper: filepath.Join(dd, "upper"), Work: filepath.Join(dd, "work")}); err != nil {
-		t.Skipf("cannot mount a composefs overlay here: %v", err)
-	}
+	testenv.RequireFeature(t, composefs.Mount(mnt, composefs.MountOptions{Image: l.Image(d.ComposefsDigest), Objects: l.Objects(), Upper: filepath.Join(dd, "upper"), Work: filepath.Join(dd, "work")}),
+		"composefs mount (EROFS, overlayfs)", composefs.ErrNoErofs, composefs.ErrNoOverlayFeature)
 	done := false
 	f := func() {
 		if !done {

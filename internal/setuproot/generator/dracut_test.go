@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/berth-dev/berth/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,15 +21,10 @@ const trixie = "/var/cache/berth-e2e/trixie-rootfs"
 // untouched) and checks with lsinitrd that berth-init, the generator, the
 // unit and the erofs/overlay modules are in it.
 func TestDracutModule(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: overlay mount and chroot into the trixie rootfs")
-	}
-	if _, err := os.Stat(filepath.Join(trixie, ".recipe")); err != nil {
-		t.Skip("trixie rootfs not built (test/guest/build-rootfs.sh; needs mmdebstrap)")
-	}
-	if _, err := os.Stat(filepath.Join(trixie, "usr/bin/dracut")); err != nil {
-		t.Skip("trixie rootfs has no dracut")
-	}
+	testenv.RequireRoot(t, "overlay mount and chroot into the trixie rootfs")
+	testenv.RequireFile(t, filepath.Join(trixie, ".recipe"), testenv.Guest)
+	// test/guest/packages.txt installs dracut.
+	testenv.RequireFile(t, filepath.Join(trixie, "usr/bin/dracut"), "rebuild the guest rootfs: "+testenv.Guest)
 	if testing.Short() {
 		t.Skip("runs dracut (about a minute)")
 	}

@@ -8,6 +8,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 const good = "root=PARTUUID=0e2e0002-0000-0000-0000-000000000002 rw berth.composefs=3fa2c41b09de5f0e6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b berth.deploy=7-3fa2c41b09de"
@@ -87,9 +89,7 @@ func TestUnitTextMatchesFile(t *testing.T) {
 
 // TestBinary runs the real generator binary with a fake /proc/cmdline.
 func TestBinary(t *testing.T) {
-	if _, err := exec.LookPath("go"); err != nil {
-		t.Skip("go not in PATH")
-	}
+	testenv.RequireTool(t, "go", "golang (or /usr/local/go/bin in PATH)")
 	bin := filepath.Join(t.TempDir(), "berth-generator")
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/berth-dev/berth/generators/berth-generator").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
@@ -135,10 +135,7 @@ func TestSystemdAnalyzeVerify(t *testing.T) {
 	if len(units) == 0 {
 		t.Fatal("no units found")
 	}
-	sa, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Skip("systemd-analyze not installed (apt-get install systemd)")
-	}
+	sa := testenv.RequireTool(t, "systemd-analyze", "systemd")
 	// systemd-analyze verify needs the binaries units run to exist: give
 	// berth's (not installed here) stand-ins, and the units a private path.
 	dir := t.TempDir()

@@ -5,12 +5,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 func TestPartitions(t *testing.T) {
-	if _, err := exec.LookPath("sgdisk"); err != nil {
-		t.Skip("sgdisk (gdisk) not installed")
-	}
+	testenv.RequireTool(t, "sgdisk", "gdisk")
 	disk := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(disk, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -44,9 +44,7 @@ func TestPartitions(t *testing.T) {
 
 func TestPESectionsOfSystemdStub(t *testing.T) {
 	stub := filepath.Join(CacheDir(), "trixie-rootfs/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
-	if _, err := os.Stat(stub); err != nil {
-		t.Skip("no cached guest rootfs with systemd-stub (test/guest/build-rootfs.sh)")
-	}
+	testenv.RequireFile(t, stub, testenv.Guest)
 	secs, err := PESections(stub)
 	if err != nil {
 		t.Fatal(err)

@@ -91,11 +91,19 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			if v.Panicked() {
 				return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
 			}
+			if err := v.Silent(); err != nil {
+				return 0, fmt.Errorf("%s: before SSH came up: %w", v.Label, err)
+			}
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
 		if _, err := v.Run(ctx, 30*time.Second, "true"); err == nil {
 			at := time.Since(v.Started)
 			v.SSHUpAt = at
+			// From here the guest is driven over SSH, whose commands have their own bounds,
+			// and its console is quiet by design.
+			if v.watch != nil {
+				v.watch.Pause()
+			}
 			v.m.logf("%s: ssh up after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
 			return at, nil
 		} else {

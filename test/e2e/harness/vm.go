@@ -1,7 +1,8 @@
 // Package harness runs berth's VM end-to-end lane: guest images (a Debian root filesystem
 // packed as a multi-layer OCI archive), qemu with OVMF and a swtpm TPM 2.0, a serial console
 // captured with timestamps, SSH over a 127.0.0.1 port forward, and a summary table.
-// Every external process runs under `timeout -k`, so nothing outlives its bound.
+// Every external process runs under `timeout -k`, so nothing outlives its bound, and a boot
+// whose console stays silent for the silence bound (internal/qemu) is killed.
 package harness
 
 import (
@@ -20,12 +21,14 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/berth-dev/berth/internal/qemu"
 )
 
 // Firmware files of Debian's ovmf package: a matching 4M CODE/VARS pair (non-Secure-Boot).
 const (
-	OVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-	OVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	OVMFCode = qemu.OVMFCode
+	OVMFVars = qemu.OVMFVars
 )
 
 // Machine is one virtual machine across boots: its disk, its UEFI variable store and its
@@ -105,6 +108,10 @@ type BootOptions struct {
 	Label   string        // names the logs: <machine>-<label>-serial.log
 	Direct  *DirectBoot   // nil = full UEFI: OVMF → the disk's ESP (systemd-boot → UKI)
 	Timeout time.Duration // hard bound on the qemu process; default 15 min
+	// Silence kills qemu when the console prints nothing for this long before the guest
+	// first answers over SSH (afterwards it is driven over SSH and quiet by design); default
+	// qemu.SilenceBound of the machine's accelerator.
+	Silence time.Duration
 	NoTPM   bool
 	// Interactive connects the serial console to the terminal (make vm); no capture.
 	Interactive bool
@@ -124,6 +131,7 @@ type VM struct {
 
 	cmd    *exec.Cmd
 	swtpm  *exec.Cmd
+	watch  *qemu.Watchdog
 	done   chan struct{}
 	err    error
 	mu     sync.Mutex
@@ -149,6 +157,9 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 	}
 	if o.Timeout == 0 {
 		o.Timeout = 15 * time.Minute
+	}
+	if o.Silence == 0 {
+		o.Silence = qemu.SilenceBound(m.Accel)
 	}
 	base := filepath.Join(m.Dir, m.Name+"-"+o.Label)
 	v := &VM{m: m, Label: o.Label, Serial: base + "-serial.log", QemuLog: base + "-qemu.log",
@@ -231,9 +242,20 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 		return nil, fmt.Errorf("start qemu: %w", err)
 	}
 	m.logf("boot %s: %s, ssh port %d, serial %s", o.Label, bootKind(o), port, v.Serial)
+	pid := v.cmd.Process.Pid
+	v.watch = qemu.NewWatchdog(o.Silence, func() {
+		m.logf("%s: console silent for %s: killing qemu", o.Label, o.Silence)
+		syscall.Kill(-pid, syscall.SIGKILL)
+	})
 	go func() {
 		v.capture(stdout, serial)
 		err := v.cmd.Wait()
+		v.watch.Stop()
+		if serr := v.watch.Err(); serr != nil {
+			err = serr
+			fmt.Fprintf(serial, "[%8.2f] harness: guest printed nothing on its console for %s: qemu killed\n",
+				time.Since(v.Started).Seconds(), serr.(*qemu.SilentError).Bound)
+		}
 		qlog.Close()
 		serial.Close()
 		v.killSwtpm()
@@ -257,13 +279,14 @@ func bootKind(o BootOptions) string {
 
 // capture timestamps each console line into the serial log and keeps it for WaitSerial.
 func (v *VM) capture(r io.Reader, w io.Writer) {
-	br := bufio.NewReaderSize(r, 64<<10)
+	br := bufio.NewReaderSize(kickReader{r, v.watch}, 64<<10)
 	for {
 		line, err := br.ReadString('\n')
 		if line != "" {
 			at := time.Since(v.Started)
 			text := ansi.ReplaceAllString(strings.TrimRight(strings.ReplaceAll(line, "\r", ""), "\n"), "")
 			fmt.Fprintf(w, "[%8.2f] %s\n", at.Seconds(), text)
+			v.watch.Write([]byte(text + "\n"))
 			v.mu.Lock()
 			v.lines = append(v.lines, SerialLine{At: at, Text: text})
 			close(v.notify)
@@ -276,12 +299,34 @@ func (v *VM) capture(r io.Reader, w io.Writer) {
 	}
 }
 
+// kickReader tells the watchdog of every read, so output without a newline counts too.
+type kickReader struct {
+	r io.Reader
+	w *qemu.Watchdog
+}
+
+func (k kickReader) Read(p []byte) (int, error) {
+	n, err := k.r.Read(p)
+	if n > 0 {
+		k.w.Kick()
+	}
+	return n, err
+}
+
 func (v *VM) killSwtpm() {
 	if v.swtpm != nil && v.swtpm.Process != nil {
 		syscall.Kill(-v.swtpm.Process.Pid, syscall.SIGKILL)
 		v.swtpm.Wait()
 		v.swtpm = nil
 	}
+}
+
+// Silent is the watchdog's *qemu.SilentError if the guest was killed for a silent console.
+func (v *VM) Silent() error {
+	if v.watch == nil {
+		return nil
+	}
+	return v.watch.Err()
 }
 
 // Exited reports whether qemu has exited.
@@ -344,6 +389,9 @@ func (v *VM) WaitSerial(re *regexp.Regexp, timeout time.Duration) (SerialLine, e
 			v.mu.Unlock()
 			if n > seen {
 				continue
+			}
+			if err := v.Silent(); err != nil {
+				return SerialLine{}, fmt.Errorf("%s: waiting for %q: %w", v.Label, re, err)
 			}
 			return SerialLine{}, fmt.Errorf("%s: qemu exited before the console showed %q", v.Label, re)
 		case <-deadline:
