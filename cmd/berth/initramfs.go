@@ -3,9 +3,9 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 
@@ -78,27 +78,12 @@ func imageFS(digest string) (fs.FS, error) {
 
 // writeInitramfs builds into a temporary file and renames it into place.
 func writeInitramfs(out string, opts initrd.Options) error {
-	tmp, err := os.CreateTemp(filepath.Dir(out), ".tmp-"+filepath.Base(out)+"-")
-	if err != nil {
+	var rep *initrd.Report
+	err := fsutil.WriteAtomic(out, 0o644, func(w io.Writer) error {
+		var err error
+		rep, err = initrd.Build(w, opts)
 		return err
-	}
-	defer os.Remove(tmp.Name())
-	rep, err := initrd.Build(tmp, opts)
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), out)
-	}
-	if err == nil {
-		err = fsutil.SyncDir(filepath.Dir(out))
-	}
+	}, nil)
 	if err != nil {
 		return fmt.Errorf("build initramfs %s: %w", out, err)
 	}

@@ -5,6 +5,7 @@ package fsutil
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
@@ -12,6 +13,19 @@ import (
 // WriteFileAtomic replaces path with data so that after a crash path holds
 // either its old content or data, never a mix.
 func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
+	return WriteAtomic(path, perm, func(w io.Writer) error {
+		_, err := w.Write(data)
+		return err
+	}, nil)
+}
+
+// WriteAtomic replaces path with what write streams, crash-safely: into a
+// temporary file in the same directory, fsync, rename over path, fsync the
+// directory. After a crash path holds its old content or the new, never a
+// mix; a failure leaves no temporary file. finish, when set, runs on the
+// complete, synced temporary file just before the rename (berth enables
+// fs-verity there, so the file never appears without it).
+func WriteAtomic(path string, perm os.FileMode, write func(io.Writer) error, finish func(tmp string) error) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-")
 	if err != nil {
@@ -25,7 +39,7 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 			os.Remove(tmp)
 		}
 	}()
-	if _, err := f.Write(data); err != nil {
+	if err := write(f); err != nil {
 		return fmt.Errorf("write %s: %w", tmp, err)
 	}
 	if err := f.Chmod(perm); err != nil {
@@ -36,6 +50,11 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", tmp, err)
+	}
+	if finish != nil {
+		if err := finish(tmp); err != nil {
+			return err
+		}
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("rename %s: %w", path, err)

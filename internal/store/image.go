@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -73,34 +74,15 @@ func (l Layout) addImage(data, digest []byte) (pending bool, err error) {
 			return pending, nil
 		}
 	}
-	f, err := os.CreateTemp(l.Images(), ".tmp-image-")
+	err = fsutil.WriteAtomic(final, 0o644, func(w io.Writer) error {
+		_, err := w.Write(data)
+		return err
+	}, func(tmp string) error {
+		pending, err = enableVerity(tmp, digest)
+		return err
+	})
 	if err != nil {
 		return false, fmt.Errorf("write composefs image: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	_, werr := f.Write(data)
-	if werr == nil {
-		werr = f.Chmod(0o644)
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return false, fmt.Errorf("write composefs image %s: %w", tmp, werr)
-	}
-	pending, err = enableVerity(tmp, digest)
-	if err != nil {
-		return false, err
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		return false, fmt.Errorf("write composefs image: %w", err)
-	}
-	if err := fsutil.SyncDir(l.Images()); err != nil {
-		return false, err
 	}
 	return pending, nil
 }
