@@ -3,10 +3,9 @@ package api
 import (
 	"context"
 	"fmt"
-	"strings"
 
+	"github.com/berth-dev/berth/internal/oci"
 	"go.podman.io/image/v5/manifest"
-	"go.podman.io/image/v5/transports/alltransports"
 	"go.podman.io/image/v5/types"
 )
 
@@ -15,12 +14,9 @@ import (
 // layer: enough to tell whether an upgrade has something new. Nothing is
 // trusted or stored here; a real pull verifies everything again.
 func remoteManifestDigest(ctx context.Context, ref string, insecureTLS bool) (string, error) {
-	iref, err := alltransports.ParseImageName(ref)
-	if err != nil && alltransports.TransportFromImageName(ref) == nil && !strings.Contains(ref, "://") {
-		iref, err = alltransports.ParseImageName("docker://" + ref)
-	}
+	iref, err := oci.ParseReference(ref, "docker://")
 	if err != nil {
-		return "", fmt.Errorf("parse image reference %q: %w", ref, err)
+		return "", err
 	}
 	sys := &types.SystemContext{}
 	if insecureTLS {

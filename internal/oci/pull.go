@@ -186,18 +186,27 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	return img, nil
 }
 
-func parseRef(ref string) (types.ImageReference, error) {
+// ParseReference parses a containers/image reference ("docker://…",
+// "oci-archive:…", …). One without a transport is parsed as def+ref (def is
+// "docker://" for pulls, "containers-storage:" for berth commit's output).
+// This is the one parser of image references in berth.
+func ParseReference(ref, def string) (types.ImageReference, error) {
+	if strings.TrimSpace(ref) == "" {
+		return nil, errors.New("no image reference given")
+	}
 	r, err := alltransports.ParseImageName(ref)
 	if err == nil {
 		return r, nil
 	}
 	if alltransports.TransportFromImageName(ref) == nil && !strings.Contains(ref, "://") {
-		if r2, err2 := alltransports.ParseImageName("docker://" + ref); err2 == nil {
+		if r2, err2 := alltransports.ParseImageName(def + ref); err2 == nil {
 			return r2, nil
 		}
 	}
 	return nil, fmt.Errorf("parse image reference %q: %w", ref, err)
 }
+
+func parseRef(ref string) (types.ImageReference, error) { return ParseReference(ref, "docker://") }
 
 func policyContext(opts PullOptions, sys *types.SystemContext) (*signature.PolicyContext, error) {
 	var policy *signature.Policy

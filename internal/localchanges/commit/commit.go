@@ -41,7 +41,6 @@ import (
 	"go.podman.io/image/v5/manifest"
 	"go.podman.io/image/v5/pkg/blobinfocache/none"
 	"go.podman.io/image/v5/signature"
-	"go.podman.io/image/v5/transports/alltransports"
 	"go.podman.io/image/v5/types"
 	"go.podman.io/storage/pkg/configfile"
 
@@ -112,7 +111,7 @@ func Commit(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("commit: %w", err)
 	}
-	destRef, err := parseRef(opts.Dest, "containers-storage:")
+	destRef, err := oci.ParseReference(opts.Dest, "containers-storage:")
 	if err != nil {
 		return nil, fmt.Errorf("commit: destination: %w", err)
 	}
@@ -182,24 +181,6 @@ func transportName(r types.ImageReference) string {
 	return r.Transport().Name() + ":" + strings.TrimSuffix(r.StringWithinTransport(), ":")
 }
 
-// parseRef parses a containers/image reference; one without a transport
-// gets def.
-func parseRef(ref, def string) (types.ImageReference, error) {
-	if strings.TrimSpace(ref) == "" {
-		return nil, errors.New("no image reference given")
-	}
-	if r, err := alltransports.ParseImageName(ref); err == nil {
-		return r, nil
-	} else if alltransports.TransportFromImageName(ref) != nil {
-		return nil, fmt.Errorf("parse %q: %w", ref, err)
-	}
-	r, err := alltransports.ParseImageName(def + ref)
-	if err != nil {
-		return nil, fmt.Errorf("parse %q: %w", ref, err)
-	}
-	return r, nil
-}
-
 // baseRef is where the base image is copied from: opts.Base, or the
 // deployment's image_ref; a registry reference is pinned to the manifest
 // digest the deployment records, so a tag that moved on still gives the
@@ -212,7 +193,7 @@ func baseRef(d *deploy.Deployment, base string) (types.ImageReference, string, e
 	if ref == "" {
 		return nil, "", errors.New("the deployment records no image reference; give the base image with --base")
 	}
-	r, err := parseRef(ref, "docker://")
+	r, err := oci.ParseReference(ref, "docker://")
 	if err != nil {
 		return nil, "", fmt.Errorf("base image %s: %w (if it is not reachable any more, give a copy of the same image with --base)", ref, err)
 	}
