@@ -24,7 +24,8 @@ build:
 deps:
 	test/deps.sh
 
-## test: unit + privileged integration tests (privileged ones run as root, skip otherwise), lint, bounded fuzzing.
+## test: unit + privileged integration tests (privileged ones run as root, skip otherwise; with
+## CI=true a missing tool, file, root or kernel feature fails instead), lint, bounded fuzzing.
 test: build lint guest unit roundtrip-usr fuzz
 
 ## guest: the standard Debian trixie guest root filesystems (cached by recipe hash); privileged
