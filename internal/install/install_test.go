@@ -238,7 +238,7 @@ func assertReleased(t *testing.T, disk string) {
 
 func TestToDiskLayout(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	disk := filepath.Join(tmp, "disk.img")
@@ -450,7 +450,7 @@ func TestToDiskRefusals(t *testing.T) {
 	tmp := t.TempDir()
 
 	// An image without a kernel: the oci package's message, nothing left attached.
-	ref := writeOCILayout(t, fakeImageFiles(t, "6.1.0-x", false))
+	ref := writeOCILayout(t, fakeImageFiles(t, "6.12.0-x", false))
 	disk := filepath.Join(tmp, "nokernel.img")
 	opts := testOptions(t, ref)
 	opts.Size = 2 << 30
@@ -476,6 +476,7 @@ func TestToDiskRefusals(t *testing.T) {
 	}
 
 	// Too small, and bad options.
+	ref = writeOCILayout(t, fakeImageFiles(t, "6.12.0-x", true))
 	small := filepath.Join(tmp, "small.img")
 	opts = testOptions(t, ref)
 	opts.Size = 600 << 20
@@ -535,7 +536,7 @@ func TestHasContentAndSizes(t *testing.T) {
 
 func TestToFilesystemAndDeployImage(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	// A root filesystem without a partition table: root= falls back to UUID=.
@@ -617,7 +618,7 @@ func bootESP(dir string) boot.ESP { return boot.ESP{Dir: dir} }
 func TestToDiskBtrfs(t *testing.T) {
 	needRoot(t)
 	testenv.RequireTool(t, "mkfs.btrfs", "btrfs-progs")
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	disk := filepath.Join(t.TempDir(), "disk.img")
 	opts := testOptions(t, ref)
@@ -654,7 +655,7 @@ func TestToDiskBtrfs(t *testing.T) {
 
 func TestToDiskBlockDevice(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	backing := filepath.Join(tmp, "disk.img")

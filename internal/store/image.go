@@ -41,12 +41,18 @@ func (l Layout) AddImage(root *composefs.Inode) (hexDigest string, pending bool,
 	if err := composefs.Write(&buf, root, composefs.WriteOptions{}); err != nil {
 		return "", false, fmt.Errorf("write composefs image: %w", err)
 	}
-	digest, err := fsverity.Digest(bytes.NewReader(buf.Bytes()), fsverity.SHA256)
+	return l.AddImageData(buf.Bytes())
+}
+
+// AddImageData is AddImage for an image already written out (a local copy
+// of another store's image): its name is its fs-verity digest.
+func (l Layout) AddImageData(data []byte) (hexDigest string, pending bool, err error) {
+	digest, err := fsverity.Digest(bytes.NewReader(data), fsverity.SHA256)
 	if err != nil {
 		return "", false, fmt.Errorf("composefs image digest: %w", err)
 	}
 	hexDigest = hex.EncodeToString(digest)
-	pending, err = l.addImage(buf.Bytes(), digest)
+	pending, err = l.addImage(data, digest)
 	if err != nil {
 		return "", false, err
 	}
