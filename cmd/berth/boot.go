@@ -2,10 +2,8 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -30,13 +28,8 @@ func (b *bootFlags) espDir() (boot.ESP, error) {
 	if b.esp != "" {
 		return boot.ESP{Dir: b.esp}, nil
 	}
-	for _, d := range []string{"efi", "boot/efi", "boot"} {
-		p := filepath.Join(global.Sysroot, d)
-		if fi, err := os.Stat(filepath.Join(p, "EFI")); err == nil && fi.IsDir() {
-			return boot.ESP{Dir: p}, nil
-		}
-	}
-	return boot.ESP{}, errors.New("no ESP found below the sysroot (looked for efi/EFI, boot/efi/EFI, boot/EFI); give --esp")
+	d, err := boot.FindESP(global.Sysroot, true)
+	return boot.ESP{Dir: d}, err
 }
 
 func newBootCmd() *cobra.Command {

@@ -2,10 +2,8 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -26,13 +24,7 @@ func deployESP(flag string) (string, error) {
 	if flag != "" {
 		return flag, nil
 	}
-	for _, d := range []string{"efi", "boot/efi", "boot"} {
-		p := filepath.Join(global.Sysroot, d)
-		if fi, err := os.Stat(filepath.Join(p, "EFI")); err == nil && fi.IsDir() {
-			return p, nil
-		}
-	}
-	return "", errors.New("no ESP found below the sysroot (looked for efi/EFI, boot/efi/EFI, boot/EFI); give --esp")
+	return boot.FindESP(global.Sysroot, true)
 }
 
 // defaultDeployment is the deployment the ESP boots by default ("" when unknown).

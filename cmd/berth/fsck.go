@@ -6,7 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/berth-dev/berth/internal/api"
+	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/fsck"
 )
 
@@ -35,7 +35,7 @@ berth job or berthd start recovers it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if esp == "" {
-				esp = api.FindESP(global.Sysroot)
+				esp = boot.FoundESP(global.Sysroot)
 			}
 			rep, err := fsck.Check(fsck.Options{Sysroot: global.Sysroot, ESP: esp, VerifyObjects: verify})
 			if err != nil {

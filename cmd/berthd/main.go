@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/internal/api"
+	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/health"
 	"github.com/berth-dev/berth/internal/version"
@@ -72,7 +73,7 @@ func runHealth(ctx context.Context, args []string) error {
 		opts.Dirs = dirs
 	}
 	rep, _, err := health.BootCheck{
-		Options: opts, Sysroot: *sysroot, ESP: api.FindESP(*sysroot), Booted: deploy.BootedID(*sysroot),
+		Options: opts, Sysroot: *sysroot, ESP: boot.FoundESP(*sysroot), Booted: deploy.BootedID(*sysroot),
 		RebootOnFailedTrial: *reboot,
 		Say:                 func(format string, args ...any) { fmt.Printf(format+"\n", args...) },
 	}.Run(ctx)

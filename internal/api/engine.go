@@ -56,7 +56,7 @@ var ErrNotImplemented = errors.New("not implemented yet")
 // below Sysroot with internal/oci, internal/deploy and internal/boot.
 type SysrootEngine struct {
 	Sysroot string
-	ESP     string // "" = FindESP(Sysroot)
+	ESP     string // "" = boot.FoundESP(Sysroot)
 	// PolicyPath and InsecureTLS are passed to oci.Pull.
 	PolicyPath  string
 	InsecureTLS bool
@@ -73,7 +73,7 @@ func (e *SysrootEngine) espDir() string {
 	if e.ESP != "" {
 		return e.ESP
 	}
-	return FindESP(e.sysroot())
+	return boot.FoundESP(e.sysroot())
 }
 
 func (e *SysrootEngine) sysroot() string {

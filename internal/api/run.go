@@ -13,6 +13,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/power"
 	"github.com/berth-dev/berth/internal/progress"
 )
@@ -151,7 +152,7 @@ func runDirect(ctx context.Context, req Request, rep *progress.Reporter) (*JobRe
 	}
 	esp := req.ESP
 	if esp == "" {
-		esp = FindESP(sysroot)
+		esp = boot.FoundESP(sysroot)
 	}
 	if rec, err := Recover(sysroot, esp); err != nil {
 		return nil, err

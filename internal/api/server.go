@@ -19,6 +19,7 @@ import (
 	"github.com/godbus/dbus/v5/introspect"
 	"github.com/godbus/dbus/v5/prop"
 
+	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/power"
 	"github.com/berth-dev/berth/internal/store"
@@ -30,7 +31,7 @@ type Config struct {
 	Engine     Engine
 	Authorizer Authorizer // nil: BusAuthorizer on Conn
 	Sysroot    string     // where the job journal lives ("/" = /berth)
-	ESP        string     // for recovery; "" = FindESP(Sysroot)
+	ESP        string     // for recovery; "" = boot.FoundESP(Sysroot)
 	Log        *slog.Logger
 	// JobLinger is how long a finished job stays on the bus so clients
 	// can read its result (default 5 minutes).
@@ -735,5 +736,5 @@ func (s *Server) espDir() string {
 	if s.cfg.ESP != "" {
 		return s.cfg.ESP
 	}
-	return FindESP(s.cfg.Sysroot)
+	return boot.FoundESP(s.cfg.Sysroot)
 }

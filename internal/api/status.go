@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/berth-dev/berth/internal/boot"
@@ -168,7 +167,7 @@ func ReadStatus(opts StatusOptions) (*Host, error) {
 
 	espDir := opts.ESP
 	if espDir == "" {
-		espDir = FindESP(sysroot)
+		espDir = boot.FoundESP(sysroot)
 	}
 	h.Status.Berth.ESP = espDir
 	var entries []boot.Entry
@@ -347,32 +346,3 @@ func SplitRef(ref string) ImageReference {
 	}
 	return ImageReference{Image: ref, Transport: "registry"}
 }
-
-// FindESP returns the mounted ESP (or XBOOTLDR) below sysroot that holds
-// systemd-boot's loader directory: efi, boot/efi or boot. On the running
-// system booted by berth (sysroot "/") with none of those mounted, it
-// mounts the ESP the boot loader ran from at boot.LoaderESPDir (root
-// only). "" if none.
-func FindESP(sysroot string) string {
-	if d := boot.MountedESP(sysroot); d != "" {
-		return d
-	}
-	if filepath.Clean(sysroot) != "/" || deploy.BootedID("/") == "" {
-		return ""
-	}
-	if fi, err := os.Stat(filepath.Join(boot.LoaderESPDir, "loader")); err == nil && fi.IsDir() {
-		return boot.LoaderESPDir
-	}
-	if os.Geteuid() != 0 {
-		return ""
-	}
-	d, err := boot.LoaderESP{}.Mount(boot.LoaderESPDir)
-	if err != nil {
-		espWarning.Do(func() { fmt.Fprintf(os.Stderr, "berth: %v\n", err) })
-		return ""
-	}
-	return d
-}
-
-// espWarning says once per process why no ESP could be mounted.
-var espWarning sync.Once
