@@ -123,17 +123,17 @@ func checkImage(l store.Layout, img *oci.Image, o checkOpts) (*checked, error) {
 }
 
 // findSystemdBoot is where installSystemdBoot takes systemd-boot from:
-// the image, else this machine.
+// the image, else (also when the image's copy is unusable) this machine.
 func findSystemdBoot(image, host fs.FS) ([]byte, string, error) {
 	b, p, err := boot.FindSystemdBoot(image)
 	if err == nil {
 		return b, "image:/" + p, nil
 	}
-	if !errors.Is(err, boot.ErrNoSystemdBoot) {
-		return nil, "", fmt.Errorf("image: %w", err)
-	}
 	if b, p, herr := boot.FindSystemdBoot(host); herr == nil {
 		return b, "host:/" + p, nil
+	}
+	if !errors.Is(err, boot.ErrNoSystemdBoot) {
+		return nil, "", fmt.Errorf("systemd-boot of the image: %w (and this machine has none)", err)
 	}
 	return nil, "", fmt.Errorf("neither the image nor this machine has systemd-boot: %w", err)
 }
