@@ -28,6 +28,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/deploy"
+	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/fsverity"
 	"github.com/berth-dev/berth/internal/initrd"
 	"github.com/berth-dev/berth/internal/loopdev"
@@ -230,9 +231,17 @@ func assertReleased(t *testing.T, disk string) {
 	if devs := loopDevicesBacking(disk); len(devs) > 0 {
 		t.Errorf("%s is still attached to %v", disk, devs)
 	}
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	if strings.Contains(string(b), "berth-install-") {
-		t.Errorf("an install mount is left:\n%s", b)
+	// Only this disk's mounts: other tests (and packages, run in
+	// parallel by go test) install too.
+	ms, err := fsutil.Mounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(disk)
+	for _, m := range ms {
+		if strings.Contains(m.Point, "berth-install-") && strings.HasPrefix(m.Source, "/dev/loop") && loopdev.BackingFile(m.Source) == abs {
+			t.Errorf("an install mount of %s is left: %s on %s", disk, m.Source, m.Point)
+		}
 	}
 }
 
