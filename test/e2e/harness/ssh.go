@@ -90,11 +90,12 @@ var sshdStarted = regexp.MustCompile(`Started (ssh|sshd)\.service`)
 // WaitSSH retries until the guest answers over SSH, qemu exits, or timeout passes. It
 // returns the time from qemu start to the first successful login.
 //
-// Until the console shows sshd started, attempts use a 5 s connect timeout: under TCG an
-// attempt made while the guest's network is still down hangs in the banner exchange for
-// the whole 20 s of SSHArgs, which delayed the first login by 10–30 s after sshd was up.
-// From then on (and every fourth attempt before) an attempt gets the full 20 s: the first
-// banner takes ~5 s under TCG.
+// Under TCG an attempt made while the guest's network is not up yet hangs in the banner
+// exchange until ssh's connect timeout (qemu's user network accepts the connection at
+// once); with the 20 s of SSHArgs that delayed the first login by 10–30 s after sshd was
+// up. So attempts get 5 s until the console shows sshd started (every fourth 15 s, for a
+// console that never shows it), then 10, 15, 20 s: the first banner takes ~5 s under TCG,
+// and the network may come up a little after sshd.
 func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration, error) {
 	deadline := time.Now().Add(timeout)
 	sshdUp := make(chan struct{})
@@ -103,7 +104,7 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			close(sshdUp)
 		}
 	}()
-	up := false
+	up := 0 // attempts since the console showed sshd started, plus one
 	var last error
 	for attempt := 1; time.Now().Before(deadline); attempt++ {
 		// Panic first: with panic=-1 qemu exits right after a guest panic.
@@ -116,19 +117,23 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			}
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
-		var opts []string
-		if !up {
+		if up == 0 {
 			select {
 			case <-sshdUp:
-				up = true
+				up = 1
 			default:
-				// Every fourth attempt waits the full 20 s, for a console that never
-				// shows sshd's start.
-				if attempt%4 != 0 {
-					opts = []string{"-o", "ConnectTimeout=5"}
-				}
 			}
 		}
+		connect := 5
+		switch {
+		case up > 0:
+			connect = min(5+5*up, 20)
+			up++
+		case attempt%4 == 0:
+			connect = 15
+		}
+		opts := []string{"-o", fmt.Sprintf("ConnectTimeout=%d", connect)}
+		next := time.Now().Add(3 * time.Second) // attempts start at most every 3 s
 		if _, err := v.run(ctx, 30*time.Second, opts, "true"); err == nil {
 			at := time.Since(v.Started)
 			v.SSHUpAt = at
@@ -138,7 +143,7 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			last = err
 		}
 		wake := sshdUp
-		if up {
+		if up > 0 {
 			wake = nil // closed: would not block
 		}
 		select {
@@ -146,7 +151,7 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			return 0, ctx.Err()
 		case <-v.done:
 		case <-wake:
-		case <-time.After(3 * time.Second):
+		case <-time.After(time.Until(next)):
 		}
 	}
 	return 0, fmt.Errorf("%s: no SSH within %s (last error: %v)", v.Label, timeout, last)

@@ -284,11 +284,13 @@ func demo(ctx context.Context) error {
 	say("the local change survived the reboot: /etc/motd = %q", strings.TrimSpace(out))
 	st.done("reboot, local change kept")
 
-	base, err := harness.ArchiveImage(img.Archive, filepath.Join(p.dir, "v1-layout"))
+	layoutDir := filepath.Join(p.dir, "v1-layout")
+	os.RemoveAll(layoutDir)
+	defer os.RemoveAll(layoutDir)
+	base, err := harness.ArchiveImage(img.Archive, layoutDir)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(filepath.Join(p.dir, "v1-layout"))
 	im2, err := reg.Push(base, v2Layer)
 	if err != nil {
 		return err
