@@ -94,8 +94,8 @@ var sshdStarted = regexp.MustCompile(`Started (ssh|sshd)\.service`)
 // exchange until ssh's connect timeout (qemu's user network accepts the connection at
 // once); with the 20 s of SSHArgs that delayed the first login by 10–30 s after sshd was
 // up. So attempts get 5 s until the console shows sshd started (every fourth 15 s, for a
-// console that never shows it), then 10, 15, 20 s: the first banner takes ~5 s under TCG,
-// and the network may come up a little after sshd.
+// console that never shows it); the console line starts the next attempt at once, with
+// the full 20 s: the first banner takes 5 s under TCG, over 10 s on a loaded machine.
 func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration, error) {
 	deadline := time.Now().Add(timeout)
 	sshdUp := make(chan struct{})
@@ -104,7 +104,7 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			close(sshdUp)
 		}
 	}()
-	up := 0 // attempts since the console showed sshd started, plus one
+	up := false // the console showed sshd started
 	var last error
 	for attempt := 1; time.Now().Before(deadline); attempt++ {
 		// Panic first: with panic=-1 qemu exits right after a guest panic.
@@ -117,22 +117,21 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			}
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
-		if up == 0 {
+		if !up {
 			select {
 			case <-sshdUp:
-				up = 1
+				up = true
 			default:
 			}
 		}
-		connect := 5
-		switch {
-		case up > 0:
-			connect = min(5+5*up, 20)
-			up++
-		case attempt%4 == 0:
-			connect = 15
+		var opts []string // SSHArgs: 20 s
+		if !up {
+			connect := 5
+			if attempt%4 == 0 {
+				connect = 15
+			}
+			opts = []string{"-o", fmt.Sprintf("ConnectTimeout=%d", connect)}
 		}
-		opts := []string{"-o", fmt.Sprintf("ConnectTimeout=%d", connect)}
 		next := time.Now().Add(3 * time.Second) // attempts start at most every 3 s
 		if _, err := v.run(ctx, 30*time.Second, opts, "true"); err == nil {
 			at := time.Since(v.Started)
@@ -143,7 +142,7 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			last = err
 		}
 		wake := sshdUp
-		if up > 0 {
+		if up {
 			wake = nil // closed: would not block
 		}
 		select {

@@ -85,6 +85,7 @@ const (
 	demoRepo  = "berth/demo"
 	v2Marker  = "usr/share/berth-demo/v2"
 	localMotd = "changed locally by make demo"
+	partMark  = "@@berth-demo-part@@" // separates the outputs of runAll's commands
 )
 
 var v2Layer = []harness.LayerFile{
@@ -207,63 +208,70 @@ func demo(ctx context.Context) error {
 			return fmt.Errorf("%w\n%s", err, nv.Logs(30))
 		}
 	}
-	run := func(command string) (string, error) {
-		res, err := v.Run(ctx, 15*time.Minute, command)
-		if err != nil {
-			return res.Stdout, fmt.Errorf("%w\n%s", err, strings.TrimSpace(res.Stdout))
+	// runAll runs commands in one SSH session (each login costs seconds under TCG), stops
+	// at the first that fails, and returns the output of each.
+	runAll := func(commands ...string) ([]string, error) {
+		var script strings.Builder
+		script.WriteString("set -e\n")
+		for _, c := range commands {
+			fmt.Fprintf(&script, "echo %s\n%s\n", partMark, c)
 		}
-		return res.Stdout, nil
-	}
-	show := func(title, command string) error {
-		out, err := run(command)
-		say("%s\n$ %s\n%s", title, command, strings.TrimRight(out, "\n"))
-		return err
-	}
-	status := func() (*api.Host, error) {
-		out, err := run("berth status --json")
+		res, err := v.Run(ctx, 15*time.Minute, script.String())
+		parts := strings.Split(res.Stdout, partMark+"\n")[1:]
 		if err != nil {
-			return nil, err
+			return parts, fmt.Errorf("%w\n%s", err, strings.TrimSpace(res.Stdout))
 		}
+		if len(parts) != len(commands) {
+			return parts, fmt.Errorf("%d outputs from %d commands:\n%s", len(parts), len(commands), res.Stdout)
+		}
+		return parts, nil
+	}
+	parseStatus := func(out string) (*api.Host, error) {
 		var h api.Host
 		if err := json.Unmarshal([]byte(out), &h); err != nil {
 			return nil, fmt.Errorf("berth status --json: %w\n%s", err, out)
 		}
 		return &h, nil
 	}
-	booted := func() (*bootRecord, *api.Host, error) {
-		out, err := run("cat /run/berth/boot.json")
+	// booted reads what berth-init booted and `berth status --json`, checks they agree,
+	// and runs extra commands in the same session.
+	booted := func(extra ...string) (*bootRecord, *api.Host, []string, error) {
+		out, err := runAll(append([]string{"cat /run/berth/boot.json", "berth status --json"}, extra...)...)
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, out, err
 		}
 		var br bootRecord
-		if err := json.Unmarshal([]byte(out), &br); err != nil {
-			return nil, nil, fmt.Errorf("/run/berth/boot.json: %w\n%s", err, out)
+		if err := json.Unmarshal([]byte(out[0]), &br); err != nil {
+			return nil, nil, nil, fmt.Errorf("/run/berth/boot.json: %w\n%s", err, out[0])
 		}
-		h, err := status()
+		h, err := parseStatus(out[1])
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if b := h.Status.Booted; b == nil || b.Berth == nil || b.Berth.ID != br.Deploy {
-			return nil, nil, fmt.Errorf("berth status names booted %+v, /run/berth/boot.json deployment %s", h.Status.Booted, br.Deploy)
+			return nil, nil, nil, fmt.Errorf("berth status names booted %+v, /run/berth/boot.json deployment %s", h.Status.Booted, br.Deploy)
 		}
-		return &br, h, nil
+		return &br, h, out[2:], nil
 	}
 
 	if err := boot("boot1"); err != nil {
 		return err
 	}
-	for _, s := range [][2]string{
+	shows := [][2]string{
 		{"the root is an overlay with verity=require over the EROFS image", "findmnt -o TARGET,FSTYPE,OPTIONS /"},
 		{"the kernel command line carries the image's digest", "cat /proc/cmdline"},
 		{"what berth-init set up", "cat /run/berth/boot.json"},
 		{"PCR 11 (the UKI, measured by systemd-stub)", "cat /sys/class/tpm/tpm0/pcr-sha256/11"},
 		{"a local change", "echo '" + localMotd + "' > /etc/motd && cat /etc/motd && sync"},
-	} {
-		if err := show(s[0], s[1]); err != nil {
-			return err
-		}
 	}
-	v1, h, err := booted()
+	var cmds []string
+	for _, s := range shows {
+		cmds = append(cmds, s[1])
+	}
+	v1, h, out, err := booted(cmds...)
+	for i, o := range out {
+		say("%s\n$ %s\n%s", shows[i][0], shows[i][1], strings.TrimRight(o, "\n"))
+	}
 	if err != nil {
 		return err
 	}
@@ -274,14 +282,14 @@ func demo(ctx context.Context) error {
 	if err := boot("boot2"); err != nil {
 		return err
 	}
-	out, err := run("cat /etc/motd")
+	parts, err := runAll("cat /etc/motd")
 	if err != nil {
 		return err
 	}
-	if strings.TrimSpace(out) != localMotd {
-		return fmt.Errorf("the local change did not survive the reboot: /etc/motd is %q", out)
+	if strings.TrimSpace(parts[0]) != localMotd {
+		return fmt.Errorf("the local change did not survive the reboot: /etc/motd is %q", parts[0])
 	}
-	say("the local change survived the reboot: /etc/motd = %q", strings.TrimSpace(out))
+	say("the local change survived the reboot: /etc/motd = %q", strings.TrimSpace(parts[0]))
 	st.done("reboot, local change kept")
 
 	layoutDir := filepath.Join(p.dir, "v1-layout")
@@ -301,20 +309,20 @@ func demo(ctx context.Context) error {
 	}
 	say("registry: pushed v2 = v1 + one layer (/%s, /etc/berth-demo-release) as %s (%s)", v2Marker, reg.GuestRef(), short(d2.String()))
 	// The registry speaks plain HTTP: a registries.conf.d drop-in lets the guest's berth use it.
-	if _, err := run(fmt.Sprintf("mkdir -p /etc/containers/registries.conf.d && printf %q > /etc/containers/registries.conf.d/50-berth-demo.conf", reg.GuestRegistriesConf())); err != nil {
-		return err
-	}
-	out, err = run("berth upgrade")
+	parts, err = runAll(
+		fmt.Sprintf("mkdir -p /etc/containers/registries.conf.d && printf %q > /etc/containers/registries.conf.d/50-berth-demo.conf", reg.GuestRegistriesConf()),
+		"berth upgrade",
+		"berth status --json")
 	if err != nil {
 		return fmt.Errorf("berth upgrade: %w", err)
 	}
-	h, err = status()
+	h, err = parseStatus(parts[2])
 	if err != nil {
 		return err
 	}
 	staged := h.Status.Staged
 	if staged == nil || staged.Berth == nil {
-		return fmt.Errorf("berth upgrade staged nothing: %s", strings.TrimSpace(out))
+		return fmt.Errorf("berth upgrade staged nothing: %s", strings.TrimSpace(parts[1]))
 	}
 	if staged.Berth.ManifestDigest != d2.String() {
 		return fmt.Errorf("berth upgrade staged %s, the registry serves v2 %s", staged.Berth.ManifestDigest, d2)
@@ -326,60 +334,47 @@ func demo(ctx context.Context) error {
 	if err := boot("boot3-v2"); err != nil {
 		return err
 	}
-	br, _, err := booted()
+	// berth-healthcheck.service blesses the new entry (drops its boot counter) once the
+	// boot is healthy; without that, three failed boots would fall back to v1 by themselves.
+	br, _, parts, err := booted("cat /"+v2Marker+" /etc/motd",
+		`for i in $(seq 150); do s=$(systemctl is-active berth-healthcheck.service || true); case $s in active|failed) break;; esac; sleep 2; done; echo "$s"`,
+		"berth status")
 	if err != nil {
 		return err
 	}
 	if br.Deploy != v2ID || br.Composefs != staged.Berth.ComposefsDigest {
 		return fmt.Errorf("booted %s (composefs %s), want v2 %s (composefs %s)", br.Deploy, br.Composefs, v2ID, staged.Berth.ComposefsDigest)
 	}
-	out, err = run("cat /" + v2Marker + " /etc/motd")
-	if err != nil {
-		return fmt.Errorf("v2's files: %w", err)
-	}
-	if !strings.HasSuffix(out, localMotd+"\n") {
-		return fmt.Errorf("on v2, /etc/motd lost the local change:\n%s", out)
+	if !strings.HasSuffix(parts[0], localMotd+"\n") {
+		return fmt.Errorf("on v2, /etc/motd lost the local change:\n%s", parts[0])
 	}
 	say("booted v2 (%s): /%s present, composefs digest %s, /etc/motd still %q", v2ID, v2Marker, short(br.Composefs), localMotd)
-	// berth-healthcheck.service blesses the new entry (drops its boot counter) once the
-	// boot is healthy; without that, three failed boots would fall back to v1 by themselves.
-	hs, err := run(`for i in $(seq 150); do s=$(systemctl is-active berth-healthcheck.service); case $s in active|failed) echo $s; exit 0;; esac; sleep 2; done; echo timeout`)
-	if err != nil {
-		return err
-	}
-	out, err = run("berth status")
-	if err != nil {
-		return err
-	}
-	say("health check on v2: %s; berth status:\n%s", strings.TrimSpace(hs), indent(out))
-	if strings.TrimSpace(hs) != "active" {
-		return fmt.Errorf("berth-healthcheck.service on v2: %s", strings.TrimSpace(hs))
+	hs := strings.TrimSpace(parts[1])
+	say("health check on v2: %s; berth status:\n%s", hs, indent(parts[2]))
+	if hs != "active" {
+		return fmt.Errorf("berth-healthcheck.service on v2: %s", hs)
 	}
 	st.done("boot v2, status")
 
-	out, err = run("berth rollback")
+	parts, err = runAll("berth rollback")
 	if err != nil {
 		return fmt.Errorf("berth rollback: %w", err)
 	}
-	say("rollback: `berth rollback`: %s; rebooting", strings.TrimSpace(out))
+	say("rollback: `berth rollback`: %s; rebooting", strings.TrimSpace(parts[0]))
 	st.done("rollback")
 
 	if err := boot("boot4-v1"); err != nil {
 		return err
 	}
-	br, h, err = booted()
+	br, h, parts, err = booted("test ! -e /"+v2Marker, "cat /etc/motd")
 	if err != nil {
-		return err
+		return fmt.Errorf("v1 after the rollback (is /%s still there?): %w", v2Marker, err)
 	}
 	if br.Deploy != v1.Deploy || br.Composefs != v1.Composefs || h.Status.Booted.Berth.ManifestDigest != v1Manifest {
 		return fmt.Errorf("after the rollback booted %s (composefs %s), want v1 %s (composefs %s)", br.Deploy, br.Composefs, v1.Deploy, v1.Composefs)
 	}
-	out, err = run("test ! -e /" + v2Marker + " && cat /etc/motd")
-	if err != nil {
-		return fmt.Errorf("v1 after the rollback still has /%s: %w", v2Marker, err)
-	}
-	if strings.TrimSpace(out) != localMotd {
-		return fmt.Errorf("v1 after the rollback: /etc/motd is %q", out)
+	if strings.TrimSpace(parts[1]) != localMotd {
+		return fmt.Errorf("v1 after the rollback: /etc/motd is %q", parts[1])
 	}
 	say("back on v1 (%s): composefs digest %s as installed, no /%s, /etc/motd still %q", v1.Deploy, short(br.Composefs), v2Marker, localMotd)
 	err = v.Poweroff(ctx, 3*time.Minute)
