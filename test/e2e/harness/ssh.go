@@ -8,9 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -63,6 +63,9 @@ func (v *VM) run(ctx context.Context, timeout time.Duration, opts []string, comm
 	args = append(args, v.SSHArgs()...)
 	args = append(args, "--", command)
 	cmd := exec.CommandContext(ctx, "timeout", args...)
+	// On cancellation SIGTERM, which timeout passes on to ssh (SIGKILL would leave ssh behind).
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 10 * time.Second
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -84,29 +87,37 @@ func (v *VM) SSH(ctx context.Context, command string) (string, error) {
 	return res.Stdout, err
 }
 
-// sshdStarted is systemd's console line for a started OpenSSH server.
-var sshdStarted = regexp.MustCompile(`Started (ssh|sshd)\.service`)
-
 // WaitSSH retries until the guest answers over SSH, qemu exits, or timeout passes. It
 // returns the time from qemu start to the first successful login.
 //
-// Under TCG an attempt made while the guest's network is not up yet hangs in the banner
-// exchange until ssh's connect timeout (qemu's user network accepts the connection at
-// once); with the 20 s of SSHArgs that delayed the first login by 10–30 s after sshd was
-// up. So attempts get 5 s until the console shows sshd started (every fourth 15 s, for a
-// console that never shows it); the console line starts the next attempt at once, with
-// the full 20 s: the first banner takes 5 s under TCG, over 10 s on a loaded machine.
+// Attempts overlap: a new one starts every 3 s (at most 5 at once), each with the full
+// connect timeout of SSHArgs. Under TCG a connection made before the guest's network is
+// up hangs in the banner exchange (qemu's user network accepts it at once and resends its
+// SYN to the guest only every few seconds), and the first banner takes 5 s or, on a
+// loaded machine, over 10; one attempt at a time waited out each hanging one and
+// delayed the first login by 10–30 s after sshd was up.
 func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration, error) {
 	deadline := time.Now().Add(timeout)
-	sshdUp := make(chan struct{})
-	go func() {
-		if _, err := v.WaitSerial(sshdStarted, timeout); err == nil {
-			close(sshdUp)
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends the attempts still running
+	results := make(chan error, 64)
+	inflight, attempts := 0, 0
+	tick := time.NewTicker(3 * time.Second)
+	defer tick.Stop()
+	start := func() {
+		if inflight >= 5 {
+			return
 		}
-	}()
-	up := false // the console showed sshd started
+		inflight++
+		attempts++
+		go func() {
+			_, err := v.run(actx, 30*time.Second, nil, "true")
+			results <- err
+		}()
+	}
+	start()
 	var last error
-	for attempt := 1; time.Now().Before(deadline); attempt++ {
+	for time.Now().Before(deadline) {
 		// Panic first: with panic=-1 qemu exits right after a guest panic.
 		if v.Panicked() {
 			return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
@@ -117,40 +128,21 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			}
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
-		if !up {
-			select {
-			case <-sshdUp:
-				up = true
-			default:
-			}
-		}
-		var opts []string // SSHArgs: 20 s
-		if !up {
-			connect := 5
-			if attempt%4 == 0 {
-				connect = 15
-			}
-			opts = []string{"-o", fmt.Sprintf("ConnectTimeout=%d", connect)}
-		}
-		next := time.Now().Add(3 * time.Second) // attempts start at most every 3 s
-		if _, err := v.run(ctx, 30*time.Second, opts, "true"); err == nil {
-			at := time.Since(v.Started)
-			v.SSHUpAt = at
-			v.m.logf("%s: ssh up after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
-			return at, nil
-		} else {
-			last = err
-		}
-		wake := sshdUp
-		if up {
-			wake = nil // closed: would not block
-		}
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		case <-v.done:
-		case <-wake:
-		case <-time.After(time.Until(next)):
+		case err := <-results:
+			inflight--
+			if err == nil {
+				at := time.Since(v.Started)
+				v.SSHUpAt = at
+				v.m.logf("%s: ssh up after %.1fs (%d attempts)", v.Label, at.Seconds(), attempts)
+				return at, nil
+			}
+			last = err
+		case <-tick.C:
+			start()
 		}
 	}
 	return 0, fmt.Errorf("%s: no SSH within %s (last error: %v)", v.Label, timeout, last)
