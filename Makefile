@@ -94,7 +94,7 @@ install: build
 	  install -d $(DESTDIR)$(PREFIX)/lib/dracut/modules.d/90berth; \
 	  install -m 0755 dracut/90berth/* $(DESTDIR)$(PREFIX)/lib/dracut/modules.d/90berth/; fi
 
-## demo: the main job — build a bootable disk from a standard Debian image and boot it.
+## demo: the main job — build a bootable disk from a standard Debian image, boot it, upgrade, roll back.
 demo: deps build
 	test/e2e/run.sh demo
 

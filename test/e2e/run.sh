@@ -4,7 +4,8 @@
 #       berth and run the scenario tests; print the summary table. Fails if anything fails.
 #   harness: boot the plain guest rootfs (no berth) to check qemu/OVMF/swtpm/SSH themselves.
 #   demo (make demo): install the standard Debian image to out/demo/disk.img, boot it, show
-#       the verified root and a local change surviving a reboot.
+#       the verified root and a local change surviving a reboot; upgrade to a second image
+#       from a registry on 127.0.0.1, show `berth status`, roll back, boot the first again.
 #   vm (make vm): boot out/demo/disk.img interactively on the serial console.
 # Env: BERTH_E2E_ACCEL=kvm|tcg (default: probe), BERTH_E2E_CACHE (default /var/cache/berth-e2e),
 #      BERTH_E2E_OUT (run directory, default out/e2e/<UTC time>), E2E_RUN (go test -run filter).

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -53,9 +54,18 @@ type SSHResult struct {
 // Run runs a shell command in the guest (bounded by timeout) and returns its output.
 // err is set for a connection failure or a non-zero exit.
 func (v *VM) Run(ctx context.Context, timeout time.Duration, command string) (SSHResult, error) {
-	args := append([]string{"-k", "5", secs(timeout), "ssh"}, v.SSHArgs()...)
+	return v.run(ctx, timeout, nil, command)
+}
+
+// run is Run with ssh options ahead of SSHArgs (ssh takes the first value of an option).
+func (v *VM) run(ctx context.Context, timeout time.Duration, opts []string, command string) (SSHResult, error) {
+	args := append([]string{"-k", "5", secs(timeout), "ssh"}, opts...)
+	args = append(args, v.SSHArgs()...)
 	args = append(args, "--", command)
 	cmd := exec.CommandContext(ctx, "timeout", args...)
+	// On cancellation SIGTERM, which timeout passes on to ssh (SIGKILL would leave ssh behind).
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 10 * time.Second
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -79,10 +89,35 @@ func (v *VM) SSH(ctx context.Context, command string) (string, error) {
 
 // WaitSSH retries until the guest answers over SSH, qemu exits, or timeout passes. It
 // returns the time from qemu start to the first successful login.
+//
+// Attempts overlap: a new one starts every 3 s (at most 5 at once), each with the full
+// connect timeout of SSHArgs. Under TCG a connection made before the guest's network is
+// up hangs in the banner exchange (qemu's user network accepts it at once and resends its
+// SYN to the guest only every few seconds), and the first banner takes 5 s or, on a
+// loaded machine, over 10; one attempt at a time waited out each hanging one and
+// delayed the first login by 10–30 s after sshd was up.
 func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration, error) {
 	deadline := time.Now().Add(timeout)
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends the attempts still running
+	results := make(chan error, 64)
+	inflight, attempts := 0, 0
+	tick := time.NewTicker(3 * time.Second)
+	defer tick.Stop()
+	start := func() {
+		if inflight >= 5 {
+			return
+		}
+		inflight++
+		attempts++
+		go func() {
+			_, err := v.run(actx, 30*time.Second, nil, "true")
+			results <- err
+		}()
+	}
+	start()
 	var last error
-	for attempt := 1; time.Now().Before(deadline); attempt++ {
+	for time.Now().Before(deadline) {
 		// Panic first: with panic=-1 qemu exits right after a guest panic.
 		if v.Panicked() {
 			return 0, fmt.Errorf("%s: %w (see %s)", v.Label, ErrKernelPanic, v.Serial)
@@ -96,24 +131,26 @@ func (v *VM) WaitSSH(ctx context.Context, timeout time.Duration) (time.Duration,
 			}
 			return 0, fmt.Errorf("%s: qemu exited before SSH came up (last ssh error: %v)", v.Label, last)
 		}
-		if _, err := v.Run(ctx, 30*time.Second, "true"); err == nil {
-			at := time.Since(v.Started)
-			v.SSHUpAt = at
-			// From here the guest is driven over SSH, whose commands have their own bounds,
-			// and its console is quiet by design.
-			if v.watch != nil {
-				v.watch.Pause()
-			}
-			v.m.logf("%s: ssh up after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
-			return at, nil
-		} else {
-			last = err
-		}
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		case <-v.done:
-		case <-time.After(3 * time.Second):
+		case err := <-results:
+			inflight--
+			if err == nil {
+				at := time.Since(v.Started)
+				v.SSHUpAt = at
+				// From here the guest is driven over SSH, whose commands have their own
+				// bounds, and its console is quiet by design.
+				if v.watch != nil {
+					v.watch.Pause()
+				}
+				v.m.logf("%s: ssh up after %.1fs (%d attempts)", v.Label, at.Seconds(), attempts)
+				return at, nil
+			}
+			last = err
+		case <-tick.C:
+			start()
 		}
 	}
 	return 0, fmt.Errorf("%s: no SSH within %s (last error: %v)", v.Label, timeout, last)
