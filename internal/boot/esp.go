@@ -92,6 +92,9 @@ type BLSEntry struct {
 
 func (e ESP) path(rel string) string { return filepath.Join(e.Dir, filepath.FromSlash(rel)) }
 
+// ErrNoSystemdBoot is wrapped when the tree given to InstallSystemdBoot has no systemd-boot.
+var ErrNoSystemdBoot = errors.New("no systemd-boot (Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned, Arch systemd)")
+
 // InstallSystemdBoot copies systemd-boot from root (an image tree, or
 // os.DirFS("/") for the host) to EFI/systemd/ and to the removable-media
 // path EFI/BOOT/ (unless another boot loader is there), creates the entry
@@ -118,7 +121,7 @@ func (e ESP) InstallSystemdBoot(root fs.FS) error {
 		}
 	}
 	if src == nil {
-		return fmt.Errorf("install systemd-boot: no systemd-boot%s.efi found (Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned, Arch systemd)", arch)
+		return fmt.Errorf("install systemd-boot: no systemd-boot%s.efi found: %w", arch, ErrNoSystemdBoot)
 	}
 	if err := uki.CheckPE(src); err != nil {
 		return fmt.Errorf("install systemd-boot: %s: %w", from, err)

@@ -86,8 +86,9 @@ type Result struct {
 	Cmdline       string             `json:"cmdline"`
 	Root          string             `json:"root"` // root= value
 	ESPPartUUID   string             `json:"esp_partuuid,omitempty"`
-	Entry         string             `json:"entry"` // path of the boot entry on the ESP
-	Stub          string             `json:"stub"`  // where systemd-stub came from
+	Entry         string             `json:"entry"`                 // path of the boot entry on the ESP
+	Stub          string             `json:"stub"`                  // where systemd-stub came from
+	BootLoader    string             `json:"boot_loader,omitempty"` // where systemd-boot came from
 	InitrdPath    string             `json:"initrd_path"`
 	InitrdSize    int64              `json:"initrd_size"`
 	InitrdCached  bool               `json:"initrd_cached"`
@@ -496,7 +497,7 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 		if err != nil {
 			return "", err
 		}
-		stub, res.Stub, err = findStub(composefs.TreeFS(tree, l.Objects()))
+		stub, res.Stub, err = pickStub(l, composefs.TreeFS(tree, l.Objects()), hostRoot)
 		if err != nil {
 			return "", err
 		}
@@ -600,9 +601,11 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 
 	if err := st.do("boot loader (systemd-boot, entry with "+fmt.Sprint(BootTries)+" tries)", func() (string, error) {
 		esp := boot.ESP{Dir: espDir}
-		if err := installSystemdBoot(esp, treeFS); err != nil {
+		from, err := installBootLoader(esp, treeFS, hostRoot)
+		if err != nil {
 			return "", err
 		}
+		res.BootLoader = from
 		if err := esp.AddUKI(dep.ID, ukiPath, BootTries); err != nil {
 			return "", err
 		}
@@ -692,34 +695,6 @@ func atoi(s string) (int, bool) {
 		n = n*10 + int(c-'0')
 	}
 	return n, true
-}
-
-// findStub takes systemd-stub from the image, else from this machine.
-func findStub(image fs.FS) ([]byte, string, error) {
-	b, p, err := uki.FindStub(image)
-	if err == nil {
-		return b, "image:/" + p, nil
-	}
-	if !errors.Is(err, uki.ErrNoStub) {
-		return nil, "", fmt.Errorf("image: %w", err)
-	}
-	b, p, herr := uki.FindStub(os.DirFS("/"))
-	if herr == nil {
-		return b, "host:/" + p, nil
-	}
-	return nil, "", fmt.Errorf("neither the image nor this machine has systemd-stub: %w", err)
-}
-
-// installSystemdBoot takes systemd-boot from the image, else from this machine.
-func installSystemdBoot(esp boot.ESP, image fs.FS) error {
-	err := esp.InstallSystemdBoot(image)
-	if err == nil {
-		return nil
-	}
-	if herr := esp.InstallSystemdBoot(os.DirFS("/")); herr == nil {
-		return nil
-	}
-	return err
 }
 
 // readKernel reads the kernel image of kver from the image tree.
