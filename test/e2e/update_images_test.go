@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/oci"
+	"github.com/berth-dev/berth/test/e2e/harness"
 )
 
 // TestUpdateImages checks, without a VM, that the update lane's images are what its
@@ -23,12 +23,12 @@ import (
 func TestUpdateImages(t *testing.T) {
 	// An OCI base like the lane's archive: two layers of ordinary files.
 	base := mutate.ConfigMediaType(mutate.MediaType(empty.Image, ggtypes.OCIManifestSchema1), ggtypes.OCIConfigJSON)
-	for _, files := range [][]layerFile{
-		{{path: "etc", mode: 0o755, dir: true}, {path: "etc/issue", mode: 0o644, data: []byte("Debian\n")}},
-		{{path: "usr", mode: 0o755, dir: true}, {path: "usr/share", mode: 0o755, dir: true}, {path: "usr/share/base-files", mode: 0o755, dir: true},
-			{path: asidePath, mode: 0o644, data: []byte("# base\n")}},
+	for _, files := range [][]harness.LayerFile{
+		{{Path: "etc", Mode: 0o755, Dir: true}, {Path: "etc/issue", Mode: 0o644, Data: []byte("Debian\n")}},
+		{{Path: "usr", Mode: 0o755, Dir: true}, {Path: "usr/share", Mode: 0o755, Dir: true}, {Path: "usr/share/base-files", Mode: 0o755, Dir: true},
+			{Path: asidePath, Mode: 0o644, Data: []byte("# base\n")}},
 	} {
-		l, err := layerOf(files)
+		l, err := harness.LayerOf(files)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -36,9 +36,7 @@ func TestUpdateImages(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	r := &updateRegistry{}
-	r.port, r.srv = serveRegistry(t)
-	r.base = base
+	r := &updateRegistry{Registry: serveRegistry(t), base: base}
 	dir := t.TempDir()
 	policy := filepath.Join(dir, "policy.json")
 	os.WriteFile(policy, []byte(`{"default":[{"type":"insecureAcceptAnything"}]}`), 0o644)
@@ -46,7 +44,7 @@ func TestUpdateImages(t *testing.T) {
 	os.WriteFile(regConf, []byte("unqualified-search-registries = []\n"), 0o644)
 	pull := func(sysroot string) *composefs.Inode {
 		t.Helper()
-		img, err := oci.Pull(context.Background(), fmt.Sprintf("docker://127.0.0.1:%d/%s:latest", r.port, updateRepo), oci.PullOptions{
+		img, err := oci.Pull(context.Background(), r.HostRef(), oci.PullOptions{
 			Sysroot: sysroot, PolicyPath: policy, InsecureSkipTLSVerify: true,
 			SystemContext: &types.SystemContext{SystemRegistriesConfPath: regConf, SystemRegistriesConfDirPath: filepath.Join(dir, "d"),
 				AuthFilePath: filepath.Join(dir, "auth.json"), RegistriesDirPath: filepath.Join(dir, "d")},
@@ -63,12 +61,12 @@ func TestUpdateImages(t *testing.T) {
 	v2 := r.push(t, base, v2Files)
 	root := pull(t.TempDir())
 	for _, f := range v2Files {
-		n := root.Lookup(f.path)
+		n := root.Lookup(f.Path)
 		if n == nil {
-			t.Fatalf("v2 lacks %s", f.path)
+			t.Fatalf("v2 lacks %s", f.Path)
 		}
-		if !f.dir && n.Size != uint64(len(f.data)) || f.dir && n.Type() != composefs.SIFDIR {
-			t.Errorf("v2 %s: %d bytes, want %d", f.path, n.Size, len(f.data))
+		if !f.Dir && n.Size != uint64(len(f.Data)) || f.Dir && n.Type() != composefs.SIFDIR {
+			t.Errorf("v2 %s: %d bytes, want %d", f.Path, n.Size, len(f.Data))
 		}
 	}
 	r.push(t, v2, v3Files)

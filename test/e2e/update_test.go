@@ -1,29 +1,16 @@
 package e2e
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log"
 	"math/rand/v2"
-	"net"
-	"net/http"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	ggtypes "github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/berth-dev/berth/internal/api"
 	"github.com/berth-dev/berth/test/e2e/harness"
@@ -44,163 +31,61 @@ const (
 	updateRepo  = "berth/e2e"
 )
 
-type layerFile struct {
-	path string
-	mode int64
-	data []byte
-	dir  bool
-}
-
-// layerOf makes an OCI layer (gzip) holding files.
-func layerOf(files []layerFile) (v1.Layer, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	mtime := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
-	for _, f := range files {
-		h := &tar.Header{Name: f.path, Mode: f.mode, ModTime: mtime, Format: tar.FormatPAX}
-		if f.dir {
-			h.Typeflag, h.Name = tar.TypeDir, f.path+"/"
-		} else {
-			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.data))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			return nil, err
-		}
-		if _, err := tw.Write(f.data); err != nil {
-			return nil, err
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	b := buf.Bytes()
-	return tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil },
-		tarball.WithMediaType(ggtypes.OCILayer), tarball.WithCompressionLevel(1))
-}
-
-// updateRegistry serves the update images.
+// updateRegistry serves the update images; base is the installed trixie archive.
 type updateRegistry struct {
-	port int
-	srv  *http.Server
+	*harness.Registry
 	base v1.Image
 }
 
 func startRegistry(t *testing.T, archive string) *updateRegistry {
 	t.Helper()
-	r := &updateRegistry{}
-	r.port, r.srv = serveRegistry(t)
-	// The base is the installed oci-archive: unpack it as an OCI layout.
-	dir := t.TempDir()
-	if err := untar(archive, dir); err != nil {
-		t.Fatalf("unpack %s: %v", archive, err)
-	}
-	idx, err := layout.ImageIndexFromPath(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := idx.IndexManifest()
-	if err != nil || len(im.Manifests) == 0 {
-		t.Fatalf("%s: no image in its index: %v", archive, err)
-	}
-	if r.base, err = idx.Image(im.Manifests[0].Digest); err != nil {
+	r := &updateRegistry{Registry: serveRegistry(t)}
+	var err error
+	if r.base, err = harness.ArchiveImage(archive, t.TempDir()); err != nil {
 		t.Fatal(err)
 	}
 	return r
 }
 
 // serveRegistry runs a registry on 127.0.0.1 until the test ends.
-func serveRegistry(t *testing.T) (int, *http.Server) {
+func serveRegistry(t *testing.T) *harness.Registry {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	r, err := harness.ServeRegistry(updateRepo)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: registry.New(registry.Logger(log.New(io.Discard, "", 0)))}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return ln.Addr().(*net.TCPAddr).Port, srv
+	t.Cleanup(func() { r.Close() })
+	return r
 }
 
-// untar unpacks an archive the lane itself wrote (not hostile input).
-func untar(archive, dir string) error {
-	f, err := os.Open(archive)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	tr := tar.NewReader(f)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		p := filepath.Join(dir, filepath.Clean("/"+h.Name))
-		switch h.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(p, 0o755); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			os.MkdirAll(filepath.Dir(p), 0o755)
-			out, err := os.Create(p)
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(out, tr)
-			out.Close()
-			if err != nil {
-				return err
-			}
-		}
-	}
-}
-
-// guestRef is how the guest names the image; hostRef how this process pushes it.
-func (r *updateRegistry) guestRef() string {
-	return fmt.Sprintf("docker://10.0.2.2:%d/%s:latest", r.port, updateRepo)
-}
-
-// push makes base + layers the registry's :latest and returns its manifest digest.
-func (r *updateRegistry) push(t *testing.T, base v1.Image, layers ...[]layerFile) v1.Image {
+// push makes base + layers the registry's :latest and returns it.
+func (r *updateRegistry) push(t *testing.T, base v1.Image, layers ...[]harness.LayerFile) v1.Image {
 	t.Helper()
-	img := base
-	for _, files := range layers {
-		l, err := layerOf(files)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if img, err = mutate.AppendLayers(img, l); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ref := fmt.Sprintf("127.0.0.1:%d/%s:latest", r.port, updateRepo)
-	if err := pushImage(fmt.Sprintf("http://127.0.0.1:%d", r.port), updateRepo, "latest", img); err != nil {
-		t.Fatalf("push %s: %v", ref, err)
+	img, err := r.Push(base, layers...)
+	if err != nil {
+		t.Fatal(err)
 	}
 	d, _ := img.Digest()
-	t.Logf("registry: %s is %s", ref, d)
+	t.Logf("registry: %s is %s", r.HostRef(), d)
 	return img
 }
 
-var v2Files = []layerFile{
-	{path: "etc/berth-e2e-release", mode: 0o644, data: []byte(releaseV2)},
-	{path: "etc/issue", mode: 0o644, data: []byte(issueV2)},
-	{path: asidePath, mode: 0o644, data: []byte(profileV2)},
-	{path: "usr/share/berth-e2e", mode: 0o755, dir: true},
-	{path: "usr/share/berth-e2e/v2", mode: 0o644, data: []byte("v2\n")},
+var v2Files = []harness.LayerFile{
+	{Path: "etc/berth-e2e-release", Mode: 0o644, Data: []byte(releaseV2)},
+	{Path: "etc/issue", Mode: 0o644, Data: []byte(issueV2)},
+	{Path: asidePath, Mode: 0o644, Data: []byte(profileV2)},
+	{Path: "usr/share/berth-e2e", Mode: 0o755, Dir: true},
+	{Path: "usr/share/berth-e2e/v2", Mode: 0o644, Data: []byte("v2\n")},
 }
 
-var v3Files = []layerFile{
-	{path: "usr/lib/berth", mode: 0o755, dir: true},
-	{path: "usr/lib/berth/health.d", mode: 0o755, dir: true},
-	{path: "usr/lib/berth/health.d/50-e2e-fail", mode: 0o755, data: []byte("#!/bin/sh\necho '" + failMessage + "' >&2\nexit 1\n")},
-	{path: "etc/berth-e2e-release", mode: 0o644, data: []byte("v3\n")},
+var v3Files = []harness.LayerFile{
+	{Path: "usr/lib/berth", Mode: 0o755, Dir: true},
+	{Path: "usr/lib/berth/health.d", Mode: 0o755, Dir: true},
+	{Path: "usr/lib/berth/health.d/50-e2e-fail", Mode: 0o755, Data: []byte("#!/bin/sh\necho '" + failMessage + "' >&2\nexit 1\n")},
+	{Path: "etc/berth-e2e-release", Mode: 0o644, Data: []byte("v3\n")},
 }
 
-func v4Files() []layerFile {
+func v4Files() []harness.LayerFile {
 	big := make([]byte, bigFileSize)
 	rng := rand.New(rand.NewPCG(4, 4))
 	for i := 0; i+8 <= len(big); i += 8 {
@@ -209,10 +94,10 @@ func v4Files() []layerFile {
 			big[i+j] = byte(v >> (8 * j))
 		}
 	}
-	return []layerFile{
-		{path: "etc/berth-e2e-release", mode: 0o644, data: []byte("v4\n")},
-		{path: "usr/share/berth-e2e", mode: 0o755, dir: true},
-		{path: "usr/share/berth-e2e/big", mode: 0o644, data: big},
+	return []harness.LayerFile{
+		{Path: "etc/berth-e2e-release", Mode: 0o644, Data: []byte("v4\n")},
+		{Path: "usr/share/berth-e2e", Mode: 0o755, Dir: true},
+		{Path: "usr/share/berth-e2e/big", Mode: 0o644, Data: big},
 	}
 }
 
@@ -284,7 +169,7 @@ func TestUpdate(t *testing.T) {
 	setup(t)
 	img := guestImage(t, harness.Trixie)
 	reg := startRegistry(t, img.Archive)
-	g := installGuest(t, "update", harness.Trixie, "--target-imgref", reg.guestRef())
+	g := installGuest(t, "update", harness.Trixie, "--target-imgref", reg.GuestRef())
 	if g == nil {
 		return
 	}
@@ -316,8 +201,8 @@ printf %q > /etc/issue
 mkdir -p /usr/local/bin /etc/containers/registries.conf.d
 printf %q > /usr/local/bin/hello; chmod 0755 /usr/local/bin/hello
 echo '# local line' >> /%s
-printf '[[registry]]\nlocation = "10.0.2.2:%d"\ninsecure = true\n' > /etc/containers/registries.conf.d/50-berth-e2e.conf
-sync`, motdLocal, issueLocal, helloBody, asidePath, reg.port))
+printf %q > /etc/containers/registries.conf.d/50-berth-e2e.conf
+sync`, motdLocal, issueLocal, helloBody, asidePath, reg.GuestRegistriesConf()))
 		job := g.upgradeViaBusctl(t)
 		rec := g.waitJob(t, job, 20*time.Minute)
 		t.Logf("upgrade job: %s %s%s", rec.State, rec.Summary, rec.Error)
@@ -493,100 +378,4 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
-}
-
-// pushImage uploads img with the registry API (monolithic blob uploads, then the
-// manifest). go-containerregistry's remote package would pull docker/cli in for its
-// keychain, containers/image's copy ocicrypt; neither is needed for this.
-func pushImage(base, repo, tag string, img v1.Image) error {
-	put := func(digest v1.Hash, body func() (io.ReadCloser, error)) error {
-		resp, err := http.Head(base + "/v2/" + repo + "/blobs/" + digest.String())
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		resp, err = http.Post(base+"/v2/"+repo+"/blobs/uploads/", "", nil)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		loc := resp.Header.Get("Location")
-		if resp.StatusCode != http.StatusAccepted || loc == "" {
-			return fmt.Errorf("start upload of %s: %s", digest, resp.Status)
-		}
-		if !strings.HasPrefix(loc, "http") {
-			loc = base + loc
-		}
-		sep := "?"
-		if strings.Contains(loc, "?") {
-			sep = "&"
-		}
-		rc, err := body()
-		if err != nil {
-			return err
-		}
-		defer rc.Close()
-		req, err := http.NewRequest(http.MethodPut, loc+sep+"digest="+digest.String(), rc)
-		if err != nil {
-			return err
-		}
-		req.Header.Set("Content-Type", "application/octet-stream")
-		resp, err = http.DefaultClient.Do(req)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusCreated {
-			return fmt.Errorf("upload %s: %s", digest, resp.Status)
-		}
-		return nil
-	}
-	layers, err := img.Layers()
-	if err != nil {
-		return err
-	}
-	for _, l := range layers {
-		d, err := l.Digest()
-		if err != nil {
-			return err
-		}
-		if err := put(d, l.Compressed); err != nil {
-			return err
-		}
-	}
-	cfg, err := img.RawConfigFile()
-	if err != nil {
-		return err
-	}
-	cd, err := img.ConfigName()
-	if err != nil {
-		return err
-	}
-	if err := put(cd, func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(cfg)), nil }); err != nil {
-		return err
-	}
-	m, err := img.RawManifest()
-	if err != nil {
-		return err
-	}
-	mt, err := img.MediaType()
-	if err != nil {
-		return err
-	}
-	req, err := http.NewRequest(http.MethodPut, base+"/v2/"+repo+"/manifests/"+tag, bytes.NewReader(m))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", string(mt))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusCreated {
-		return fmt.Errorf("put manifest: %s", resp.Status)
-	}
-	return nil
 }
