@@ -16,7 +16,6 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/berth-dev/berth/test/e2e/harness"
 )
@@ -32,40 +31,34 @@ const (
 )
 
 // v2Layer is the second image of a recipe: a release file and a directory.
-var v2Layer = []layerFile{
-	{path: "etc/berth-e2e-release", mode: 0o644, data: []byte(releaseStdV2)},
-	{path: "usr/share/berth-e2e", mode: 0o755, dir: true},
-	{path: "usr/share/berth-e2e/v2", mode: 0o644, data: []byte("v2\n")},
+var v2Layer = []harness.LayerFile{
+	{Path: "etc/berth-e2e-release", Mode: 0o644, Data: []byte(releaseStdV2)},
+	{Path: "usr/share/berth-e2e", Mode: 0o755, Dir: true},
+	{Path: "usr/share/berth-e2e/v2", Mode: 0o644, Data: []byte("v2\n")},
 }
 
 // kernelWhiteouts is a layer deleting kernels kvers (modules, vmlinuz, /boot files) from
 // an image: how the lane makes an image without a kernel, or with only an older one, out
 // of a built one.
-func kernelWhiteouts(t *testing.T, rootfs string, kvers ...string) []layerFile {
+func kernelWhiteouts(t *testing.T, rootfs string, kvers ...string) []harness.LayerFile {
 	t.Helper()
-	var files []layerFile
+	var files []harness.LayerFile
 	for _, k := range kvers {
-		files = append(files, layerFile{path: "usr/lib/modules/.wh." + k, mode: 0o644})
+		files = append(files, harness.LayerFile{Path: "usr/lib/modules/.wh." + k, Mode: 0o644})
 		bootFiles, _ := filepath.Glob(filepath.Join(rootfs, "boot", "*-"+k))
 		for _, b := range bootFiles {
-			files = append(files, layerFile{path: "boot/.wh." + filepath.Base(b), mode: 0o644})
+			files = append(files, harness.LayerFile{Path: "boot/.wh." + filepath.Base(b), Mode: 0o644})
 		}
 	}
 	return files
 }
 
 // withLayers is base plus one layer per file list.
-func withLayers(t *testing.T, base v1.Image, layers ...[]layerFile) v1.Image {
+func withLayers(t *testing.T, base v1.Image, layers ...[]harness.LayerFile) v1.Image {
 	t.Helper()
-	img := base
-	for _, files := range layers {
-		l, err := layerOf(files)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if img, err = mutate.AppendLayers(img, l); err != nil {
-			t.Fatal(err)
-		}
+	img, err := harness.AppendLayers(base, layers...)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return img
 }
@@ -90,17 +83,16 @@ func layoutRef(t *testing.T, img v1.Image, name string) string {
 // pushTag makes img the registry's :tag and returns how the guest names it.
 func (r *updateRegistry) pushTag(t *testing.T, tag string, img v1.Image) string {
 	t.Helper()
-	if err := pushImage(fmt.Sprintf("http://127.0.0.1:%d", r.port), updateRepo, tag, img); err != nil {
+	if err := harness.PushImage(fmt.Sprintf("http://127.0.0.1:%d", r.Port), r.Repo, tag, img); err != nil {
 		t.Fatalf("push :%s: %v", tag, err)
 	}
-	return fmt.Sprintf("docker://10.0.2.2:%d/%s:%s", r.port, updateRepo, tag)
+	return fmt.Sprintf("docker://%s:%d/%s:%s", harness.GuestHostAddr, r.Port, r.Repo, tag)
 }
 
 // trustRegistry lets the guest pull from the lane's plain-HTTP registry.
 func (g *guest) trustRegistry(t *testing.T, r *updateRegistry) {
 	t.Helper()
-	g.must(t, fmt.Sprintf(`set -e; mkdir -p /etc/containers/registries.conf.d
-printf '[[registry]]\nlocation = "10.0.2.2:%d"\ninsecure = true\n' > /etc/containers/registries.conf.d/50-berth-e2e.conf; sync`, r.port))
+	g.must(t, fmt.Sprintf("set -e; mkdir -p /etc/containers/registries.conf.d; printf %%s %q > /etc/containers/registries.conf.d/50-berth-e2e.conf; sync", r.GuestRegistriesConf()))
 }
 
 // mustLong is must with a longer bound (an upgrade under TCG).
@@ -182,7 +174,7 @@ func TestBookworm(t *testing.T) {
 		}
 	}
 	reg := startRegistry(t, img.Archive)
-	g := installGuest(t, "bookworm", harness.Bookworm, "--target-imgref", reg.guestRef())
+	g := installGuest(t, "bookworm", harness.Bookworm, "--target-imgref", reg.GuestRef())
 	if g == nil {
 		return
 	}
@@ -270,6 +262,9 @@ func checkTooOldMessage(t *testing.T, out, kver string) {
 	if !regexp.MustCompile(`\b6\.\d+\b`).MatchString(strings.ReplaceAll(out, kver, "")) {
 		t.Errorf("refusal names no minimum kernel version:\n%s", out)
 	}
+	if !strings.Contains(out, "overlayfs") {
+		t.Errorf("refusal does not name the missing kernel features (overlayfs …):\n%s", out)
+	}
 	if !strings.Contains(strings.ToLower(out), "backports") {
 		t.Errorf("refusal does not say how to get a newer kernel (backports):\n%s", out)
 	}
@@ -287,7 +282,7 @@ func TestBootc(t *testing.T) {
 		t.Fatalf("bootc image: %v", err)
 	}
 	reg := startRegistry(t, img.Archive)
-	g := installGuest(t, "bootc", harness.Bootc, "--target-imgref", reg.guestRef())
+	g := installGuest(t, "bootc", harness.Bootc, "--target-imgref", reg.GuestRef())
 	if g == nil {
 		return
 	}
@@ -404,11 +399,14 @@ func TestKernelRefusals(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		reg := startRegistry(t, img.Archive)
-		ref := layoutRef(t, withLayers(t, reg.base, kernelWhiteouts(t, img.Rootfs, kv)), "no-kernel")
+		base, err := harness.ArchiveImage(img.Archive, t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref := layoutRef(t, withLayers(t, base, kernelWhiteouts(t, img.Rootfs, kv)), "no-kernel")
 		out := refusedInstall(t, "refusal-no-kernel", ref)
-		if !regexp.MustCompile(`RUN apt-get install [^\n]*linux-image-amd64`).MatchString(out) {
-			t.Errorf("refusal lacks the `RUN apt-get install … linux-image-amd64` line:\n%s", out)
+		if !regexp.MustCompile("RUN apt-get [^\n`]*install -y linux-image-amd64").MatchString(out) {
+			t.Errorf("refusal lacks the `RUN apt-get … install -y linux-image-amd64` line:\n%s", out)
 		}
 	})
 	step(t, "refusal/too-old-kernel", func(t *testing.T) {
@@ -422,8 +420,11 @@ func TestKernelRefusals(t *testing.T) {
 		if old == newest {
 			old = kvers[1]
 		}
-		reg := startRegistry(t, img.Archive)
-		ref := layoutRef(t, withLayers(t, reg.base, kernelWhiteouts(t, img.Rootfs, newest)), "kernel-6.1")
+		base, err := harness.ArchiveImage(img.Archive, t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref := layoutRef(t, withLayers(t, base, kernelWhiteouts(t, img.Rootfs, newest)), "kernel-6.1")
 		out := refusedInstall(t, "refusal-too-old", ref)
 		checkTooOldMessage(t, out, old)
 	})
