@@ -624,7 +624,7 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 		if res.Entry == "" {
 			return "", fmt.Errorf("boot entry for %s not found on the ESP after adding it", dep.ID)
 		}
-		return res.Entry, nil
+		return res.Entry + ", systemd-boot from " + res.BootLoader, nil
 	}); err != nil {
 		return err
 	}
