@@ -258,7 +258,11 @@ func (g *guest) scenarioBoot(t *testing.T) bool {
 	return step(t, g.name+"/1-boot", func(t *testing.T) {
 		vm := g.bootRetry(t, harness.BootOptions{Label: "1-uefi", Timeout: bootTimeout})
 		g.vm = vm
-		lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", vm.SSHUpAt, "qemu start → first SSH login (TCG)")
+		if g.console {
+			lane.summary.Add(g.name+"/1-boot/uefi-to-console-login", "INFO", vm.ConsoleUpAt, "qemu start → root shell on the serial console (TCG)")
+		} else {
+			lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", vm.SSHUpAt, "qemu start → first SSH login (TCG)")
+		}
 		if _, err := vm.WaitSerial(regexp.MustCompile(`login:`), 30*time.Second); err == nil {
 			for _, l := range vm.Lines() {
 				if strings.Contains(l.Text, "login:") {

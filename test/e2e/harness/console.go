@@ -50,6 +50,7 @@ func (v *VM) ConsoleLogin(timeout time.Duration) (time.Duration, error) {
 		}
 		if _, _, err := v.waitSerialFrom(seen, regexp.MustCompile(regexp.QuoteMeta(ready)+`$`), wait); err == nil {
 			at := time.Since(v.Started)
+			v.ConsoleUpAt = at
 			v.m.logf("%s: console login after %.1fs (attempt %d)", v.Label, at.Seconds(), attempt)
 			return at, nil
 		}

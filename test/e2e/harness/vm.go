@@ -121,6 +121,8 @@ type VM struct {
 	QemuLog string
 	TPMLog  string
 	SSHUpAt time.Duration // qemu start → first successful SSH login (set by WaitSSH)
+	// qemu start → root shell on the serial console (set by ConsoleLogin)
+	ConsoleUpAt time.Duration
 
 	cmd    *exec.Cmd
 	swtpm  *exec.Cmd
