@@ -29,34 +29,38 @@ func keptStubPath(l store.Layout) string {
 	return filepath.Join(l.Boot(), "linux"+uki.EFIArch()+".efi.stub")
 }
 
-// pickStub takes systemd-stub from the image, else from host, else the copy kept in the
-// store, and keeps what it took (crash-safely) for the next deployment. from says where
-// the stub came from ("image:/…", "host:/…", "kept:…").
+// pickStub is findStubCarried, then keeps what it took (crash-safely) for the next
+// deployment.
 func pickStub(l store.Layout, image, host fs.FS) (stub []byte, from string, err error) {
-	b, p, err := uki.FindStub(image)
-	switch {
-	case err == nil:
-		stub, from = b, "image:/"+p
-	case !errors.Is(err, uki.ErrNoStub):
-		return nil, "", fmt.Errorf("image: %w", err)
+	if stub, from, err = findStubCarried(l, image, host); err != nil {
+		return nil, "", err
 	}
-	if stub == nil {
-		if hb, hp, herr := uki.FindStub(host); herr == nil {
-			stub, from = hb, "host:/"+hp
-		}
-	}
-	kept := keptStubPath(l)
-	if stub == nil {
-		kb, kerr := readKeptStub(kept)
-		if kerr != nil {
-			return nil, "", fmt.Errorf("neither the image nor this machine has systemd-stub, and berth kept none from an earlier deployment (%s: %v): %w", kept, kerr, err)
-		}
-		return kb, "kept:" + kept, nil
-	}
-	if err := keepStub(kept, stub); err != nil {
+	if err := keepStub(keptStubPath(l), stub); err != nil {
 		return nil, "", err
 	}
 	return stub, from, nil
+}
+
+// findStubCarried takes systemd-stub from the image, else from host, else the copy kept
+// in the store. It only reads. from says where the stub came from ("image:/…",
+// "host:/…", "kept:…").
+func findStubCarried(l store.Layout, image, host fs.FS) (stub []byte, from string, err error) {
+	b, p, err := uki.FindStub(image)
+	if err == nil {
+		return b, "image:/" + p, nil
+	}
+	if !errors.Is(err, uki.ErrNoStub) {
+		return nil, "", fmt.Errorf("image: %w", err)
+	}
+	if hb, hp, herr := uki.FindStub(host); herr == nil {
+		return hb, "host:/" + hp, nil
+	}
+	kept := keptStubPath(l)
+	kb, kerr := readKeptStub(kept)
+	if kerr != nil {
+		return nil, "", fmt.Errorf("neither the image nor this machine has systemd-stub, and berth kept none from an earlier deployment (%s: %v): %w", kept, kerr, err)
+	}
+	return kb, "kept:" + kept, nil
 }
 
 // readKeptStub reads and checks the kept stub (it is berth's own file, but a damaged copy
