@@ -92,7 +92,7 @@ func (r *updateRegistry) pushTag(t *testing.T, tag string, img v1.Image) string 
 // trustRegistry lets the guest pull from the lane's plain-HTTP registry.
 func (g *guest) trustRegistry(t *testing.T, r *updateRegistry) {
 	t.Helper()
-	g.must(t, fmt.Sprintf("set -e; mkdir -p /etc/containers/registries.conf.d; printf %%s %q > /etc/containers/registries.conf.d/50-berth-e2e.conf; sync", r.GuestRegistriesConf()))
+	g.must(t, fmt.Sprintf("set -e; mkdir -p /etc/containers/registries.conf.d; printf '%%s' '%s' > /etc/containers/registries.conf.d/50-berth-e2e.conf; sync", r.GuestRegistriesConf()))
 }
 
 // mustLong is must with a longer bound (an upgrade under TCG).
