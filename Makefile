@@ -5,7 +5,9 @@ export CGO_ENABLED := 0
 
 GO        ?= go
 GOTAGS    := containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devicemapper
-GOFLAGS_B := -trimpath -tags $(GOTAGS) -ldflags='-s -w'
+# The commit berth reports (`berth version`); empty outside a git tree.
+COMMIT    := $(shell git describe --always --dirty --abbrev=12 2>/dev/null)
+GOFLAGS_B := -trimpath -tags $(GOTAGS) -ldflags='-s -w -X github.com/berth-dev/berth/internal/version.Commit=$(COMMIT)'
 BIN       := bin
 PREFIX    ?= /usr
 DESTDIR   ?=

@@ -100,7 +100,7 @@ func newDeployCmd() *cobra.Command {
 
 	var local, kernel string
 	var kargs []string
-	var noVerity bool
+	var noVerity, skipKernel bool
 	create := &cobra.Command{
 		Use:   "create IMAGE",
 		Short: "Deploy an image already in the store: deployment, initramfs, UKI and a boot-counted default entry",
@@ -119,14 +119,15 @@ func newDeployCmd() *cobra.Command {
 				mode = progress.Quiet
 			}
 			res, err := install.DeployImage(global.Sysroot, esp, img, install.DeployOptions{
-				KernelArgs: kargs, LocalMode: cmdline.LocalMode(local), InsecureNoVerity: noVerity, Kernel: kernel,
+				KernelArgs: kargs, LocalMode: cmdline.LocalMode(local), InsecureNoVerity: noVerity, Kernel: kernel, SkipKernelCheck: skipKernel,
 				Progress: progress.New(os.Stderr, progress.Options{Mode: mode}),
 			})
 			return report(res, err)
 		},
 	}
 	create.Flags().StringVar(&local, "local", "persistent", "local changes: persistent, transient or readonly")
-	create.Flags().StringVar(&kernel, "kernel", "", "kernel `VERSION` (default: the image's newest)")
+	kverFlag(create.Flags(), &kernel, "kernel `VERSION` (default: the image's newest)")
+	create.Flags().BoolVar(&skipKernel, "skip-kernel-check", false, "deploy a kernel whose version looks too old for berth (features backported)")
 	create.Flags().StringArrayVar(&kargs, "karg", nil, "append `ARG` to the kernel command line (repeatable)")
 	create.Flags().BoolVar(&noVerity, "insecure-no-verity", false, "boot even without fs-verity (berth.composefs=?…)")
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/berth-dev/berth/internal/cmdline"
 	"github.com/berth-dev/berth/internal/install"
@@ -28,8 +29,10 @@ type installFlags struct {
 	local       string
 	noVerity    bool
 	kernel      string
+	skipKernel  bool
 	policy      string
 	tlsInsecure bool
+	staging     string
 }
 
 func (f *installFlags) register(cmd *cobra.Command) {
@@ -40,7 +43,9 @@ func (f *installFlags) register(cmd *cobra.Command) {
 	fl.StringArrayVar(&f.kargs, "karg", nil, "append `ARG` to the kernel command line (repeatable)")
 	fl.StringVar(&f.local, "local", "persistent", "what happens to local changes: persistent, transient or readonly")
 	fl.BoolVar(&f.noVerity, "insecure-no-verity", false, "boot even where fs-verity is unavailable (berth.composefs=?…): the root is NOT verified")
-	fl.StringVar(&f.kernel, "kernel", "", "kernel `VERSION` to boot when the image has several (default: the newest)")
+	kverFlag(fl, &f.kernel, "kernel `VERSION` to boot when the image has several (default: the newest)")
+	fl.BoolVar(&f.skipKernel, "skip-kernel-check", false, "install a kernel whose version looks too old for berth (a distribution kernel with overlayfs data-only layers and verity= backported)")
+	fl.StringVar(&f.staging, "staging-dir", "", "pull and check the image below `DIR` before the target is touched (default: $"+install.StagingEnv+", else "+install.DefaultStagingDir+")")
 	fl.StringVar(&f.policy, "policy", "", "containers-policy.json `FILE` to verify the image against")
 	fl.BoolVar(&f.tlsInsecure, "insecure-skip-tls-verify", false, "allow plain HTTP or unverified TLS for the registry")
 	_ = cmd.MarkFlagRequired("image")
@@ -56,8 +61,8 @@ func (f *installFlags) options() install.Options {
 	}
 	return install.Options{
 		Image: f.image, TargetImageRef: f.targetRef, SSHAuthorizedKeys: f.sshKeys, KernelArgs: f.kargs,
-		LocalMode: cmdline.LocalMode(f.local), InsecureNoVerity: f.noVerity, Kernel: f.kernel,
-		PolicyPath: f.policy, InsecureSkipTLSVerify: f.tlsInsecure,
+		LocalMode: cmdline.LocalMode(f.local), InsecureNoVerity: f.noVerity, Kernel: f.kernel, SkipKernelCheck: f.skipKernel,
+		PolicyPath: f.policy, InsecureSkipTLSVerify: f.tlsInsecure, StagingDir: f.staging,
 		Progress: progress.New(os.Stderr, progress.Options{Mode: mode}),
 	}
 }
@@ -74,11 +79,15 @@ func newInstallCmd() *cobra.Command {
 	toDisk := &cobra.Command{
 		Use:   "to-disk TARGET",
 		Short: "Partition TARGET (a block device or a disk image file) and install the image on it",
-		Long: `Partition TARGET (a whole block device, or a disk image file that is created
-or extended sparse to --size) with GPT: a 512 MiB FAT32 EFI System Partition and
-a root partition (ext4 with fs-verity, or btrfs). Then import the image into
-the root's berth store, create the first deployment, build berth's initramfs
-and a UKI, and install systemd-boot with a boot-counted entry.`,
+		Long: `Pull the image into a staging store (--staging-dir) and check it: the
+signature policy, a kernel new enough for berth's composefs root, systemd-stub
+and systemd-boot (from the image, else this machine), berth's initramfs, and
+the space it needs. Only then partition TARGET (a whole block device, or a disk
+image file that is created or extended sparse to --size) with GPT: a 512 MiB
+FAT32 EFI System Partition and a root partition (ext4 with fs-verity, or
+btrfs). Copy the image into the root's berth store, create the first
+deployment and a UKI, and install systemd-boot with a boot-counted entry. A
+refusal leaves TARGET as it was.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
 			opts := diskFlags.options()
@@ -120,6 +129,14 @@ and a UKI, and install systemd-boot with a boot-counted entry.`,
 
 	cmd.AddCommand(toDisk, toFS)
 	return cmd
+}
+
+// kverFlag registers --kver and its old name --kernel (hidden, deprecated:
+// it still works and says to use --kver).
+func kverFlag(fl *pflag.FlagSet, p *string, usage string) {
+	fl.StringVar(p, "kver", "", usage)
+	fl.StringVar(p, "kernel", "", usage)
+	_ = fl.MarkDeprecated("kernel", "use --kver")
 }
 
 // report prints the result of an installation.

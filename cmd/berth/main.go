@@ -11,6 +11,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/berth-dev/berth/internal/version"
 )
 
 // globalFlags are the flags every berth command accepts.
@@ -34,7 +36,9 @@ func newRootCmd() *cobra.Command {
 		Short:         "Boot any OCI image as a verified, transactionally updated Linux system",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version.Get().String(),
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	pf := root.PersistentFlags()
 	pf.StringVar(&global.Sysroot, "sysroot", "/", "operate on the berth installation below `DIR` (its store is DIR/berth/repo)")
 	pf.BoolVar(&global.JSON, "json", false, "print machine-readable JSON")

@@ -19,12 +19,17 @@ import (
 	"github.com/berth-dev/berth/internal/api"
 	"github.com/berth-dev/berth/internal/deploy"
 	"github.com/berth-dev/berth/internal/health"
+	"github.com/berth-dev/berth/internal/version"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	var err error
+	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "-version") {
+		fmt.Println(version.Get().String())
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "health" {
 		err = runHealth(ctx, os.Args[2:])
 	} else {

@@ -92,8 +92,32 @@ type BLSEntry struct {
 
 func (e ESP) path(rel string) string { return filepath.Join(e.Dir, filepath.FromSlash(rel)) }
 
-// ErrNoSystemdBoot is wrapped when the tree given to InstallSystemdBoot has no systemd-boot.
-var ErrNoSystemdBoot = errors.New("no systemd-boot (Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned, Arch systemd)")
+// FindSystemdBoot reads systemd-boot from root (an image tree, or
+// os.DirFS("/") for the host) and checks that it is a PE image; a Secure
+// Boot–signed build (*.efi.signed) is preferred. It returns the binary and
+// its path in root.
+func FindSystemdBoot(root fs.FS) ([]byte, string, error) {
+	arch := uki.EFIArch()
+	for _, dir := range uki.StubDirs {
+		for _, name := range []string{"systemd-boot" + arch + ".efi.signed", "systemd-boot" + arch + ".efi"} {
+			b, err := readRegularFS(root, dir+"/"+name, 16<<20)
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return nil, "", fmt.Errorf("%s/%s: %w", dir, name, err)
+			}
+			if err := uki.CheckPE(b); err != nil {
+				return nil, "", fmt.Errorf("%s/%s: %w", dir, name, err)
+			}
+			return b, dir + "/" + name, nil
+		}
+	}
+	return nil, "", fmt.Errorf("%w (systemd-boot%s.efi in %s; Debian/Ubuntu package systemd-boot-efi, Fedora systemd-boot-unsigned, Arch systemd)", ErrNoSystemdBoot, arch, strings.Join(uki.StubDirs, ", "))
+}
+
+// ErrNoSystemdBoot is wrapped when a tree has no systemd-boot binary.
+var ErrNoSystemdBoot = errors.New("no systemd-boot found")
 
 // InstallSystemdBoot copies systemd-boot from root (an image tree, or
 // os.DirFS("/") for the host) to EFI/systemd/ and to the removable-media
@@ -102,29 +126,9 @@ var ErrNoSystemdBoot = errors.New("no systemd-boot (Debian/Ubuntu package system
 // Boot–signed build (*.efi.signed) is preferred.
 func (e ESP) InstallSystemdBoot(root fs.FS) error {
 	arch := uki.EFIArch()
-	var src []byte
-	var from string
-	for _, dir := range uki.StubDirs {
-		for _, name := range []string{"systemd-boot" + arch + ".efi.signed", "systemd-boot" + arch + ".efi"} {
-			b, err := readRegularFS(root, dir+"/"+name, 16<<20)
-			if errors.Is(err, fs.ErrNotExist) {
-				continue
-			}
-			if err != nil {
-				return fmt.Errorf("install systemd-boot: %s/%s: %w", dir, name, err)
-			}
-			src, from = b, dir+"/"+name
-			break
-		}
-		if src != nil {
-			break
-		}
-	}
-	if src == nil {
-		return fmt.Errorf("install systemd-boot: no systemd-boot%s.efi found: %w", arch, ErrNoSystemdBoot)
-	}
-	if err := uki.CheckPE(src); err != nil {
-		return fmt.Errorf("install systemd-boot: %s: %w", from, err)
+	src, _, err := FindSystemdBoot(root)
+	if err != nil {
+		return fmt.Errorf("install systemd-boot: %w", err)
 	}
 	for _, d := range []string{"EFI/systemd", "EFI/BOOT", LinuxDir, EntriesDir} {
 		if err := fsutil.MkdirAllSync(e.path(d), 0o755); err != nil {

@@ -50,6 +50,14 @@ const (
 	wrMaxFormatVersion        = 1
 )
 
+// HeaderVersion is the composefs header version of the images berth
+// writes (LCFS_EROFS_VERSION); MaxFormatVersion is the highest composefs
+// format version it writes (and reads).
+const (
+	HeaderVersion    = wrComposefsVersion
+	MaxFormatVersion = wrMaxFormatVersion
+)
+
 // PinVersion as WriteOptions.MaxVersion means "never raise the format
 // version above MinVersion" (mkcomposefs --max-version equal to or below
 // --min-version).

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/fsutil"
@@ -18,27 +19,14 @@ import (
 // ESP) are taken from the image, else from the machine berth runs on. An image without
 // them (a bootc-style image: kernel and userland only) deployed on a system that is itself
 // such an image has neither, so berth keeps what it used before: a copy of the last stub in
-// its store (keptStubPath) and the systemd-boot already on the ESP.
-
-// hostRoot is the machine berth runs on (a variable so tests can stand in for it).
-var hostRoot fs.FS = os.DirFS("/")
+// its store (keptStubPath) and the systemd-boot already on the ESP. The preflight
+// (checkImage) finds both with findStubCarried and findBootLoader, which only read;
+// deployImage keeps the stub (keepStub) and installs systemd-boot (installBootLoader).
 
 // keptStubPath is where the stub of the last deployment is kept, below the store's boot
 // directory (with the cached initramfs images: boot inputs that are not deployments).
 func keptStubPath(l store.Layout) string {
 	return filepath.Join(l.Boot(), "linux"+uki.EFIArch()+".efi.stub")
-}
-
-// pickStub is findStubCarried, then keeps what it took (crash-safely) for the next
-// deployment.
-func pickStub(l store.Layout, image, host fs.FS) (stub []byte, from string, err error) {
-	if stub, from, err = findStubCarried(l, image, host); err != nil {
-		return nil, "", err
-	}
-	if err := keepStub(keptStubPath(l), stub); err != nil {
-		return nil, "", err
-	}
-	return stub, from, nil
 }
 
 // findStubCarried takes systemd-stub from the image, else from host, else the copy kept
@@ -66,6 +54,15 @@ func findStubCarried(l store.Layout, image, host fs.FS) (stub []byte, from strin
 // readKeptStub reads and checks the kept stub (it is berth's own file, but a damaged copy
 // must not end up in a UKI).
 func readKeptStub(path string) ([]byte, error) {
+	b, err := readPE(path)
+	if err != nil {
+		return nil, fmt.Errorf("kept systemd-stub %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// readPE reads a regular file of at most 16 MiB that parses as a PE image.
+func readPE(path string) ([]byte, error) {
 	fi, err := os.Lstat(path)
 	if err != nil {
 		return nil, err
@@ -78,7 +75,7 @@ func readKeptStub(path string) ([]byte, error) {
 		return nil, err
 	}
 	if err := uki.CheckPE(b); err != nil {
-		return nil, fmt.Errorf("kept systemd-stub %s: %w", path, err)
+		return nil, err
 	}
 	return b, nil
 }
@@ -97,32 +94,51 @@ func keepStub(path string, stub []byte) error {
 	return nil
 }
 
-// installBootLoader installs systemd-boot from the image, else from host; when neither
-// has it, the systemd-boot already on the ESP (put there by an earlier install) stays.
-// It fails only when there is none anywhere. from says which was used.
+// keptOnESP is findBootLoader's "from" for the systemd-boot already on the ESP.
+const keptOnESP = "kept on the ESP"
+
+// findBootLoader takes systemd-boot from the image, else from host, else the one already
+// on the ESP at espDir (put there by an earlier install; "" = a new ESP, no fallback). It
+// only reads. from says which: "image:/…", "host:/…" or keptOnESP.
+func findBootLoader(espDir string, image, host fs.FS) (bin []byte, from string, err error) {
+	b, p, err := boot.FindSystemdBoot(image)
+	if err == nil {
+		return b, "image:/" + p, nil
+	}
+	if !errors.Is(err, boot.ErrNoSystemdBoot) {
+		return nil, "", fmt.Errorf("image: %w", err)
+	}
+	if hb, hp, herr := boot.FindSystemdBoot(host); herr == nil {
+		return hb, "host:/" + hp, nil
+	}
+	if espDir == "" {
+		return nil, "", fmt.Errorf("neither the image nor this machine has systemd-boot: %w", err)
+	}
+	onESP := filepath.Join(espDir, "EFI", "systemd", "systemd-boot"+uki.EFIArch()+".efi")
+	eb, eerr := readPE(onESP)
+	if eerr != nil {
+		return nil, "", fmt.Errorf("neither the image nor this machine has systemd-boot, and there is none on the ESP to keep (%s: %v): %w", onESP, eerr, err)
+	}
+	return eb, keptOnESP, nil
+}
+
+// installBootLoader installs systemd-boot on the ESP from where findBootLoader finds it;
+// the one already on the ESP stays as it is. It returns where it came from.
 func installBootLoader(esp boot.ESP, image, host fs.FS) (from string, err error) {
-	ierr := esp.InstallSystemdBoot(image)
-	if ierr == nil {
-		return "image", nil
-	}
-	if !errors.Is(ierr, boot.ErrNoSystemdBoot) {
-		return "", fmt.Errorf("image: %w", ierr)
-	}
-	if herr := esp.InstallSystemdBoot(host); herr == nil {
-		return "host", nil
-	}
-	onESP := filepath.Join(esp.Dir, "EFI", "systemd", "systemd-boot"+uki.EFIArch()+".efi")
-	b, err := os.ReadFile(onESP)
-	if err != nil {
-		return "", fmt.Errorf("%w; and there is no systemd-boot on the ESP to keep (%v)", ierr, err)
-	}
-	if err := uki.CheckPE(b); err != nil {
-		return "", fmt.Errorf("%w; and the systemd-boot on the ESP (%s) is damaged: %v", ierr, onESP, err)
-	}
-	for _, d := range []string{boot.LinuxDir, boot.EntriesDir} {
-		if err := fsutil.MkdirAllSync(filepath.Join(esp.Dir, filepath.FromSlash(d)), 0o755); err != nil {
-			return "", fmt.Errorf("install systemd-boot: %w", err)
+	_, from, err = findBootLoader(esp.Dir, image, host)
+	switch {
+	case err != nil:
+		return "", err
+	case from == keptOnESP:
+		for _, d := range []string{boot.LinuxDir, boot.EntriesDir} {
+			if err := fsutil.MkdirAllSync(filepath.Join(esp.Dir, filepath.FromSlash(d)), 0o755); err != nil {
+				return "", fmt.Errorf("install systemd-boot: %w", err)
+			}
 		}
+		return from, nil
+	case strings.HasPrefix(from, "image:"):
+		return from, esp.InstallSystemdBoot(image)
+	default:
+		return from, esp.InstallSystemdBoot(host)
 	}
-	return "kept on the ESP", nil
 }

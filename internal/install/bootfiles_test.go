@@ -24,6 +24,16 @@ func bootFilesFS(stub, sdboot []byte) fstest.MapFS {
 	return m
 }
 
+// useStub is what an install or deployment does with the stub: the preflight finds it,
+// deployImage keeps it.
+func useStub(l store.Layout, image, host fstest.MapFS) ([]byte, string, error) {
+	stub, from, err := findStubCarried(l, image, host)
+	if err != nil {
+		return nil, "", err
+	}
+	return stub, from, keepStub(keptStubPath(l), stub)
+}
+
 // TestBootFilesCarriedForwardWhenImageAndHostHaveNone: an image without systemd-stub and
 // systemd-boot deploys on a machine without them (a bootc-style system upgrading itself)
 // with the stub berth kept from the previous deployment and the systemd-boot already on
@@ -48,14 +58,14 @@ func TestBootFilesCarriedForwardWhenImageAndHostHaveNone(t *testing.T) {
 	host := bootFilesFS(stub, sdboot)
 
 	// Install: the image has neither, the installing host has both.
-	got, from, err := pickStub(l, none, host)
+	got, from, err := useStub(l, none, host)
 	if err != nil || !bytes.Equal(got, stub) || !strings.HasPrefix(from, "host:/") {
 		t.Fatalf("install: stub from %q, %v", from, err)
 	}
 	if kept, err := os.ReadFile(keptStubPath(l)); err != nil || !bytes.Equal(kept, stub) {
 		t.Fatalf("the stub used at install is not kept in the store: %v", err)
 	}
-	if from, err := installBootLoader(esp, none, host); err != nil || from != "host" {
+	if from, err := installBootLoader(esp, none, host); err != nil || !strings.HasPrefix(from, "host:/") {
 		t.Fatalf("install: systemd-boot from %q, %v", from, err)
 	}
 	onESP := filepath.Join(esp.Dir, "EFI/systemd/systemd-bootx64.efi")
@@ -64,7 +74,7 @@ func TestBootFilesCarriedForwardWhenImageAndHostHaveNone(t *testing.T) {
 	}
 
 	// Upgrade on the installed system: image and host (the running image) have neither.
-	got, from, err = pickStub(l, none, none)
+	got, from, err = useStub(l, none, none)
 	if err != nil || !bytes.Equal(got, stub) || from != "kept:"+keptStubPath(l) {
 		t.Fatalf("upgrade: stub from %q, %v; want the kept one", from, err)
 	}
@@ -77,7 +87,7 @@ func TestBootFilesCarriedForwardWhenImageAndHostHaveNone(t *testing.T) {
 
 	// An image that brings its own stub wins, and becomes the kept one.
 	newer := append(append([]byte(nil), stub...), make([]byte, 512)...)
-	got, from, err = pickStub(l, bootFilesFS(newer, nil), host)
+	got, from, err = useStub(l, bootFilesFS(newer, nil), host)
 	if err != nil || !bytes.Equal(got, newer) || !strings.HasPrefix(from, "image:/") {
 		t.Fatalf("image stub: from %q, %v", from, err)
 	}
@@ -89,19 +99,19 @@ func TestBootFilesCarriedForwardWhenImageAndHostHaveNone(t *testing.T) {
 	if err := os.WriteFile(keptStubPath(l), []byte("not a PE image"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := pickStub(l, none, none); err == nil {
+	if _, _, err := useStub(l, none, none); err == nil {
 		t.Error("a damaged kept stub was used")
 	}
 
 	// Nothing anywhere: clear errors.
 	l2 := store.At(filepath.Join(tmp, "other"))
 	l2.Init()
-	if _, _, err := pickStub(l2, none, none); err == nil || !strings.Contains(err.Error(), "systemd-boot-efi") || !strings.Contains(err.Error(), "kept none") {
+	if _, _, err := useStub(l2, none, none); err == nil || !strings.Contains(err.Error(), "systemd-boot-efi") || !strings.Contains(err.Error(), "kept none") {
 		t.Errorf("no stub anywhere: %v", err)
 	}
 	esp2 := boot.ESP{Dir: filepath.Join(tmp, "esp2")}
 	os.Mkdir(esp2.Dir, 0o755)
-	if _, err := installBootLoader(esp2, none, none); err == nil || !strings.Contains(err.Error(), "no systemd-boot on the ESP") {
+	if _, err := installBootLoader(esp2, none, none); err == nil || !strings.Contains(err.Error(), "none on the ESP") {
 		t.Errorf("no systemd-boot anywhere: %v", err)
 	}
 }

@@ -1,60 +1,25 @@
 package install
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/berth-dev/berth/internal/composefs"
-	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/initrd"
-	"github.com/berth-dev/berth/internal/store"
 )
 
 // initrdCacheVersion changes when the cache key's inputs change meaning.
 const initrdCacheVersion = "berth-initrd-cache 1"
 
-// cachedInitrd returns berth's initramfs for kernel kver of the image,
-// from berth/boot/ when one with the same key exists, else built and
-// stored there. The key covers the kernel version, the module tree of the
-// image (paths, modes, content digests), the module list, the compression
-// and the berth-init binary, so any change to what would go in rebuilds it.
-func cachedInitrd(l store.Layout, fsys fs.FS, tree *composefs.Inode, kver, initBinary string) (path string, data []byte, cached bool, err error) {
-	if initBinary == "" {
-		return "", nil, false, errors.New("initramfs: no berth-init binary in berth's runtime")
-	}
-	key, err := initrdKey(tree, kver, initBinary)
-	if err != nil {
-		return "", nil, false, err
-	}
-	if key != "" {
-		path = filepath.Join(l.Boot(), "initrd-"+kver+"-"+key[:16]+".img")
-		if b, err := os.ReadFile(path); err == nil && len(b) > 0 {
-			return path, b, true, nil
-		}
-	}
-	var buf bytes.Buffer
-	if _, err := initrd.Build(&buf, initrd.Options{Root: fsys, KernelVersion: kver, InitBinary: initBinary, Compression: initrd.Zstd}); err != nil {
-		return "", nil, false, err
-	}
-	if key == "" {
-		return "", buf.Bytes(), false, nil
-	}
-	if err := fsutil.MkdirAllSync(l.Boot(), 0o755); err != nil {
-		return "", nil, false, err
-	}
-	if err := fsutil.WriteFileAtomic(path, buf.Bytes(), 0o644); err != nil {
-		return "", nil, false, fmt.Errorf("initramfs cache: %w", err)
-	}
-	return path, buf.Bytes(), false, nil
-}
+// The initramfs is cached in berth/boot/ as initrd-<kver>-<key>.img
+// (initrdFor, storeInitrd): the key covers the kernel version, the module
+// tree of the image (paths, modes, content digests), the module list, the
+// compression and the berth-init binary, so any change to what would go in
+// rebuilds it.
 
 // initrdKey hashes the inputs of the initramfs. It returns "" (no caching)
 // when the module directory is not a plain directory in the tree.

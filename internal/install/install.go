@@ -64,11 +64,21 @@ type Options struct {
 	InsecureNoVerity bool
 	// Kernel picks the kernel version when the image has several ("" = newest).
 	Kernel string
+	// SkipKernelCheck installs a kernel whose version number looks too
+	// old for berth (a distribution kernel with the features backported).
+	SkipKernelCheck bool
 	// Runtime is berth's runtime to inject; nil locates the running berth's.
 	Runtime *runtime.Set
 	// PolicyPath, InsecureSkipTLSVerify: see oci.PullOptions.
 	PolicyPath            string
 	InsecureSkipTLSVerify bool
+	// StagingDir is where the image is pulled and checked before the
+	// target is touched ("" = $BERTH_STAGING, else /var/tmp); a private
+	// directory below it is removed when the installation ends.
+	StagingDir string
+	// HostRoot is this machine's root, where systemd-stub and systemd-boot
+	// are taken from when the image lacks them ("" = "/").
+	HostRoot string
 	// Progress receives the per-step lines and the pull's progress.
 	Progress *progress.Reporter
 }
@@ -148,32 +158,69 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 	res = &Result{}
 	st := &stepper{rep: opts.Progress, res: res, start: time.Now()}
 	var cl cleanups
+	var t *target
+	var sg *staged
 	defer func() {
 		if cerr := cl.run(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
+		}
+		if err != nil && t != nil && t.Created {
+			os.Remove(t.Path) // a disk image this failed install created is garbage
+		}
+		if sg != nil {
+			if rerr := os.RemoveAll(sg.dir); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("remove staging directory: %w", rerr))
+			}
 		}
 		if res != nil {
 			res.Total = time.Since(st.start)
 		}
 	}()
 
-	var t *target
+	// Everything that can fail on the target, the image or this machine
+	// is checked before the first write to the target.
 	if err := st.do("check target "+targetPath, func() (string, error) {
 		var err error
-		t, err = openTarget(targetPath, opts.Size, opts.Wipe)
+		t, err = inspectTarget(targetPath, opts.Size, opts.Wipe)
 		if err != nil {
 			return "", err
 		}
-		if t.Created {
-			return fmt.Sprintf("created %s (%d MiB, sparse)", t.Path, t.Size>>20), nil
+		if t.missing {
+			return fmt.Sprintf("to be created (%d MiB, sparse)", t.Size>>20), nil
 		}
 		return fmt.Sprintf("%d MiB", t.Size>>20), nil
 	}); err != nil {
 		return nil, err
 	}
 	res.Target = t.Path
+	sg, err = stageImage(ctx, st, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.do("check space", func() (string, error) {
+		root := rootNeeds(sg.storeBytes, sg.c)
+		need := diskNeeds(root)
+		if t.Size < need {
+			how := "use a bigger disk"
+			if !t.IsBlock {
+				how = fmt.Sprintf("pass --size %dM or more", (need+(1<<20)-1)>>20)
+			}
+			return "", fmt.Errorf("target %s is %d MiB; this image needs at least %d MiB (ESP %d MiB + root %d MiB for a store of %d MiB with headroom): %s",
+				t.Path, t.Size>>20, need>>20, ESPSize>>20, max(root, minRootSize)>>20, sg.storeBytes>>20, how)
+		}
+		if e := espNeeds(sg.c); e > ESPSize {
+			return "", fmt.Errorf("the boot entry needs %d MiB, more than the %d MiB ESP", e>>20, ESPSize>>20)
+		}
+		return fmt.Sprintf("needs %d MiB of %d MiB", need>>20, t.Size>>20), nil
+	}); err != nil {
+		return nil, err
+	}
+
 	var d *diskLayout
 	if err := st.do("partition (GPT: ESP + root)", func() (string, error) {
+		if err := t.prepare(); err != nil {
+			return "", err
+		}
 		var err error
 		d, err = partitionDisk(ctx, t)
 		if err != nil {
@@ -219,7 +266,7 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 		return nil, err
 	}
 
-	if err := populate(ctx, st, rootMnt, espStage, "PARTUUID="+d.Root.UUID, opts); err != nil {
+	if err := populate(ctx, st, rootMnt, espStage, "PARTUUID="+d.Root.UUID, sg, opts); err != nil {
 		return res, err
 	}
 
@@ -258,7 +305,13 @@ func ToFilesystem(ctx context.Context, rootDir, espDir string, opts Options) (re
 	}
 	res = &Result{}
 	st := &stepper{rep: opts.Progress, res: res, start: time.Now()}
+	var sg *staged
 	defer func() {
+		if sg != nil {
+			if rerr := os.RemoveAll(sg.dir); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("remove staging directory: %w", rerr))
+			}
+		}
 		if res != nil {
 			res.Total = time.Since(st.start)
 		}
@@ -277,11 +330,34 @@ func ToFilesystem(ctx context.Context, rootDir, espDir string, opts Options) (re
 		if warning != "" {
 			opts.Progress.Message("warning: %s", warning)
 		}
+		if err := checkStagingOutside(stagingBase(opts.StagingDir), rootDir); err != nil {
+			return "", err
+		}
 		return "root=" + rootSpec, nil
 	}); err != nil {
 		return nil, err
 	}
-	if err := populate(ctx, st, rootDir, espDir, rootSpec, opts); err != nil {
+	if sg, err = stageImage(ctx, st, opts); err != nil {
+		return nil, err
+	}
+	if err := st.do("check space", func() (string, error) {
+		root := rootNeeds(sg.storeBytes, sg.c)
+		free, err := freeBytes(rootDir)
+		if err != nil {
+			return "", err
+		}
+		if free < root {
+			return "", fmt.Errorf("the root filesystem %s has %d MiB free; this image needs about %d MiB (a store of %d MiB, its deployment and initramfs, with headroom)", rootDir, free>>20, root>>20, sg.storeBytes>>20)
+		}
+		esp := espNeeds(sg.c)
+		if free, err := freeBytes(espDir); err == nil && free < esp {
+			return "", fmt.Errorf("the ESP %s has %d MiB free; the boot entry and systemd-boot need %d MiB", espDir, free>>20, esp>>20)
+		}
+		return fmt.Sprintf("root needs %d MiB of %d MiB free", root>>20, free>>20), nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := populate(ctx, st, rootDir, espDir, rootSpec, sg, opts); err != nil {
 		return res, err
 	}
 	return res, nil
@@ -339,8 +415,9 @@ func checkKernelArg(a string) error {
 }
 
 // populate does the part of an installation that is the same for a disk
-// and a pre-mounted filesystem.
-func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string, opts Options) error {
+// and a pre-mounted filesystem: the store, the image copied into it from
+// the staging store, the first deployment and its boot entry.
+func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string, sg *staged, opts Options) error {
 	res := st.res
 	l := store.At(sysroot)
 	if err := l.Init(); err != nil {
@@ -361,29 +438,20 @@ func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string
 		opts.Progress.Message("fs-verity is not available on this machine's kernel: berth-init enables it at first boot (marker berth/repo/%s)", deploy.VerityPendingFile)
 	}
 
-	rt := opts.Runtime
-	if rt == nil {
-		if rt, err = runtime.Locate(); err != nil {
-			return err
-		}
-	}
-
 	var img *oci.Image
-	if err := st.do("pull "+opts.Image, func() (string, error) {
+	if err := st.do("copy image into the target store", func() (string, error) {
+		var stats *oci.CopyStats
 		var err error
-		img, err = oci.Pull(ctx, opts.Image, oci.PullOptions{
-			Sysroot: sysroot, Progress: opts.Progress, PolicyPath: opts.PolicyPath,
-			InsecureSkipTLSVerify: opts.InsecureSkipTLSVerify,
-		})
+		img, stats, err = oci.CopyImage(ctx, sg.dir, sysroot, sg.img, opts.Progress)
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("%s, %d files, %d MiB", img.ManifestDigest, img.Files, img.Size>>20), nil
+		return fmt.Sprintf("%d objects, %d MiB", stats.Objects, stats.Bytes>>20), nil
 	}); err != nil {
 		return err
 	}
 
-	if err := deployImage(st, l, objects, rt, espDir, rootSpec, img, opts); err != nil {
+	if err := deployImage(st, l, objects, espDir, rootSpec, img, sg.c, opts); err != nil {
 		return err
 	}
 
@@ -409,17 +477,22 @@ type DeployOptions struct {
 	LocalMode        cmdline.LocalMode
 	InsecureNoVerity bool
 	Kernel           string
+	SkipKernelCheck  bool
 	Runtime          *runtime.Set
 	Origin           string // recorded in deployment.json ("deploy" when empty)
 	Progress         *progress.Reporter
+	// HostRoot: see Options.HostRoot.
+	HostRoot string
 }
 
 // DeployImage makes a new deployment of an image already in the store of
 // sysroot, with its initramfs and UKI, installs the UKI on the ESP as a
-// boot-counted entry and makes it the default.
+// boot-counted entry and makes it the default. The preflight (kernel,
+// systemd-stub, systemd-boot, initramfs) runs first: an image that fails
+// it leaves the deployments and the ESP as they were.
 func DeployImage(sysroot, espDir string, img *oci.Image, o DeployOptions) (*Result, error) {
 	opts := Options{Image: img.Ref, KernelArgs: o.KernelArgs, LocalMode: o.LocalMode, InsecureNoVerity: o.InsecureNoVerity,
-		Kernel: o.Kernel, Runtime: o.Runtime, Progress: o.Progress}
+		Kernel: o.Kernel, SkipKernelCheck: o.SkipKernelCheck, Runtime: o.Runtime, Progress: o.Progress, HostRoot: o.HostRoot}
 	if err := checkOptions(&opts); err != nil {
 		return nil, err
 	}
@@ -445,17 +518,25 @@ func DeployImage(sysroot, espDir string, img *oci.Image, o DeployOptions) (*Resu
 	if err != nil {
 		return nil, err
 	}
-	rt := opts.Runtime
-	if rt == nil {
-		if rt, err = runtime.Locate(); err != nil {
-			return nil, err
-		}
-	}
 	if o.Origin == "" {
 		o.Origin = "deploy"
 	}
 	st.origin = o.Origin
-	if err := deployImage(st, l, objects, rt, espDir, rootSpec, img, opts); err != nil {
+	var c *checked
+	if err := st.do("check image (kernel, systemd-stub, systemd-boot, initramfs)", func() (string, error) {
+		var err error
+		c, err = checkImage(l, img, checkOpts{
+			Kernel: opts.Kernel, InsecureNoVerity: opts.InsecureNoVerity, SkipKernelCheck: opts.SkipKernelCheck,
+			HostRoot: opts.HostRoot, Runtime: opts.Runtime, ESP: espDir,
+		})
+		if err != nil {
+			return "", err
+		}
+		return c.summary(), nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := deployImage(st, l, objects, espDir, rootSpec, img, c, opts); err != nil {
 		return res, err
 	}
 	return res, nil
@@ -472,37 +553,19 @@ func runningRootSpec(sysroot string) (string, error) {
 	return rootSpecOf(sysroot)
 }
 
-// deployImage: deployment, SSH keys, initramfs, UKI, boot entry.
-func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runtime.Set, espDir, rootSpec string, img *oci.Image, opts Options) error {
+// deployImage: deployment, SSH keys, initramfs, UKI, boot entry, made
+// with what the preflight c found.
+func deployImage(st *stepper, l store.Layout, objects *composefs.Store, espDir, rootSpec string, img *oci.Image, c *checked, opts Options) error {
 	res := st.res
-	sysroot := l.Sysroot
 	origin := st.origin
 	if origin == "" {
 		origin = "install"
 	}
-	var tree *composefs.Inode
-	var kver string
-	var stub []byte
-	if err := st.do("inspect image (kernel, systemd-stub)", func() (string, error) {
-		var err error
-		tree, err = oci.LoadTree(sysroot, img)
-		if err != nil {
-			return "", err
-		}
-		kernels, err := oci.FindKernels(tree)
-		if err != nil {
-			return "", err
-		}
-		kver, err = pickKernel(kernels, opts.Kernel)
-		if err != nil {
-			return "", err
-		}
-		stub, res.Stub, err = pickStub(l, composefs.TreeFS(tree, l.Objects()), hostRoot)
-		if err != nil {
-			return "", err
-		}
-		return "kernel " + kver + ", stub " + res.Stub, nil
-	}); err != nil {
+	tree, kver, rt := c.tree, c.kver, c.rt
+	res.Stub = c.stubFrom
+	// Keep the stub this deployment's UKI is built on, for images and machines without one
+	// later (bootfiles.go).
+	if err := keepStub(keptStubPath(l), c.stub); err != nil {
 		return err
 	}
 
@@ -537,17 +600,15 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 	}
 
 	treeFS := composefs.TreeFS(tree, l.Objects())
-	var initrdData []byte
+	initrdData := c.initrd
 	if err := st.do("initramfs", func() (string, error) {
 		var err error
-		var cached bool
-		res.InitrdPath, initrdData, cached, err = cachedInitrd(l, treeFS, tree, kver, rt.InitBinary())
-		if err != nil {
+		if res.InitrdPath, err = storeInitrd(l, c); err != nil {
 			return "", err
 		}
-		res.InitrdSize, res.InitrdCached = int64(len(initrdData)), cached
+		res.InitrdSize, res.InitrdCached = int64(len(initrdData)), c.initrdCached
 		note := "built"
-		if cached {
+		if c.initrdCached {
 			note = "cached"
 		}
 		return fmt.Sprintf("%s %s, %d KiB", note, filepath.Base(res.InitrdPath), len(initrdData)>>10), nil
@@ -578,17 +639,9 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 	defer os.Remove(ukiPath)
 	defer os.Remove(ukiPath + ".pcr11.json")
 	if err := st.do("UKI", func() (string, error) {
-		linux, err := readKernel(treeFS, kver)
-		if err != nil {
-			return "", err
-		}
-		osrel, _ := readLimited(treeFS, "etc/os-release", 64<<10)
-		if osrel == nil {
-			osrel, _ = readLimited(treeFS, "usr/lib/os-release", 64<<10)
-		}
 		ur, err := uki.Build(ukiPath, uki.Options{
-			Stub: stub, Linux: linux, Initrds: [][]byte{initrdData},
-			Cmdline: res.Cmdline, OSRelease: osrel, Uname: kver,
+			Stub: c.stub, Linux: c.linux, Initrds: [][]byte{initrdData},
+			Cmdline: res.Cmdline, OSRelease: c.osrel, Uname: kver,
 		})
 		if err != nil {
 			return "", err
@@ -601,7 +654,7 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, rt *runt
 
 	if err := st.do("boot loader (systemd-boot, entry with "+fmt.Sprint(BootTries)+" tries)", func() (string, error) {
 		esp := boot.ESP{Dir: espDir}
-		from, err := installBootLoader(esp, treeFS, hostRoot)
+		from, err := installBootLoader(esp, treeFS, hostFS(opts.HostRoot))
 		if err != nil {
 			return "", err
 		}

@@ -239,7 +239,7 @@ func assertReleased(t *testing.T, disk string) {
 
 func TestToDiskLayout(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	disk := filepath.Join(tmp, "disk.img")
@@ -451,7 +451,7 @@ func TestToDiskRefusals(t *testing.T) {
 	tmp := t.TempDir()
 
 	// An image without a kernel: the oci package's message, nothing left attached.
-	ref := writeOCILayout(t, fakeImageFiles(t, "6.1.0-x", false))
+	ref := writeOCILayout(t, fakeImageFiles(t, "6.12.0-x", false))
 	disk := filepath.Join(tmp, "nokernel.img")
 	opts := testOptions(t, ref)
 	opts.Size = 2 << 30
@@ -477,6 +477,7 @@ func TestToDiskRefusals(t *testing.T) {
 	}
 
 	// Too small, and bad options.
+	ref = writeOCILayout(t, fakeImageFiles(t, "6.12.0-x", true))
 	small := filepath.Join(tmp, "small.img")
 	opts = testOptions(t, ref)
 	opts.Size = 600 << 20
@@ -536,7 +537,7 @@ func TestHasContentAndSizes(t *testing.T) {
 
 func TestToFilesystemAndDeployImage(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	// A root filesystem without a partition table: root= falls back to UUID=.
@@ -620,7 +621,7 @@ func TestToDiskBtrfs(t *testing.T) {
 	if _, err := exec.LookPath("mkfs.btrfs"); err != nil {
 		t.Skip("mkfs.btrfs not installed (btrfs-progs)")
 	}
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	disk := filepath.Join(t.TempDir(), "disk.img")
 	opts := testOptions(t, ref)
@@ -657,7 +658,7 @@ func TestToDiskBtrfs(t *testing.T) {
 
 func TestToDiskBlockDevice(t *testing.T) {
 	needRoot(t)
-	const kver = "6.1.0-berth-test"
+	const kver = "6.12.0-berth-test"
 	ref := writeOCILayout(t, fakeImageFiles(t, kver, true))
 	tmp := t.TempDir()
 	backing := filepath.Join(tmp, "disk.img")

@@ -20,15 +20,19 @@ import (
 type target struct {
 	Path    string
 	IsBlock bool
-	Size    int64 // bytes
+	Size    int64 // bytes (for a file: the size it has once prepared)
 	Created bool  // the image file was created by this install
+
+	missing bool  // a file target that does not exist yet
+	extend  int64 // a file target to extend to this size (0: keep)
 }
 
-// openTarget checks that path may be installed to and prepares a file
-// target: created sparse with size (0: DefaultSize), or extended to size
-// when it is smaller. It refuses a target that is mounted or in use, and
-// one with a partition table or other data unless wipe is set.
-func openTarget(path string, size int64, wipe bool) (*target, error) {
+// inspectTarget checks that path may be installed to, without changing
+// it: it refuses a target that is mounted or in use, and one with a
+// partition table or other data unless wipe is set. A file target that
+// does not exist is planned with size (0: DefaultSize), an existing
+// smaller one is planned to be extended to size; prepare does that.
+func inspectTarget(path string, size int64, wipe bool) (*target, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, fmt.Errorf("target %s: %w", path, err)
@@ -40,19 +44,10 @@ func openTarget(path string, size int64, wipe bool) (*target, error) {
 		if size <= 0 {
 			size = DefaultSize
 		}
-		f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
-		if err != nil {
+		if _, err := os.Stat(filepath.Dir(abs)); err != nil {
 			return nil, fmt.Errorf("create disk image %s: %w", abs, err)
 		}
-		err = f.Truncate(size)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			os.Remove(abs)
-			return nil, fmt.Errorf("create disk image %s: %w", abs, err)
-		}
-		t.Size, t.Created = size, true
+		t.Size, t.missing = size, true
 		return t, nil
 	case err != nil:
 		return nil, fmt.Errorf("target %s: %w", abs, err)
@@ -81,13 +76,40 @@ func openTarget(path string, size int64, wipe bool) (*target, error) {
 	} else {
 		t.Size = fi.Size()
 		if size > t.Size {
-			if err := os.Truncate(abs, size); err != nil {
-				return nil, fmt.Errorf("extend disk image %s to %d bytes: %w", abs, size, err)
-			}
-			t.Size = size
+			t.Size, t.extend = size, size
 		}
 	}
 	return t, nil
+}
+
+// prepare is the first write to the target: it checks again that the
+// target is not in use (time has passed since inspectTarget), then creates
+// a new file target sparse, or extends a smaller one.
+func (t *target) prepare() error {
+	if t.missing {
+		f, err := os.OpenFile(t.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return fmt.Errorf("create disk image %s: %w", t.Path, err)
+		}
+		t.Created, t.missing = true, false
+		err = f.Truncate(t.Size)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("create disk image %s: %w", t.Path, err)
+		}
+		return nil
+	}
+	if err := checkNotInUse(t); err != nil {
+		return err
+	}
+	if t.extend > 0 {
+		if err := os.Truncate(t.Path, t.extend); err != nil {
+			return fmt.Errorf("extend disk image %s to %d bytes: %w", t.Path, t.extend, err)
+		}
+	}
+	return nil
 }
 
 func blockSize(dev string) (int64, error) {

@@ -20,12 +20,12 @@ import (
 	"strings"
 
 	"github.com/berth-dev/berth/internal/composefs"
+	"github.com/berth-dev/berth/internal/version"
 )
 
 // Version is berth's runtime version, written to /usr/lib/berth/version in
-// a deployment. Release builds set it with
-// -ldflags "-X github.com/berth-dev/berth/internal/runtime.Version=1.2.3".
-var Version = "0.1.0-dev"
+// a deployment: internal/version's (release builds set that one).
+var Version = version.Version
 
 // Paths in the image (relative to its root).
 const (

@@ -15,6 +15,11 @@ import (
 	"github.com/berth-dev/berth/internal/fsutil"
 )
 
+// LayoutVersion is the version of this layout (docs/on-disk-format.md).
+// It is not recorded on disk yet: the first incompatible change records
+// it, and a berth that finds no record knows it is layout 1.
+const LayoutVersion = 1
+
 // Layout holds the paths of one berth installation below a sysroot.
 type Layout struct {
 	Sysroot string // "/" on a running system
