@@ -477,7 +477,9 @@ func TestTwoKernels(t *testing.T) {
 	defer g2.stop(t)
 	step(t, "twokernel/kver-boots-the-other", func(t *testing.T) {
 		g2.vm = g2.bootRetry(t, harness.BootOptions{Label: "kver", Timeout: bootTimeout})
-		if got := strings.TrimSpace(g2.check(t, "kernel", "cat /proc/sys/kernel/osrelease")); got != other {
+		got := strings.TrimSpace(g2.check(t, "kernel", "cat /proc/sys/kernel/osrelease"))
+		t.Logf("guest kernel %s (--kver %s; default %s)", got, other, newest)
+		if got != other {
 			t.Errorf("guest runs kernel %q, want --kver %s", got, other)
 		}
 		if root := g2.check(t, "root", "findmnt -no FSTYPE,OPTIONS /"); !strings.Contains(root, "verity=require") {
