@@ -105,11 +105,12 @@ func findBootLoader(espDir string, image, host fs.FS) (bin []byte, from string, 
 	if err == nil {
 		return b, "image:/" + p, nil
 	}
-	if !errors.Is(err, boot.ErrNoSystemdBoot) {
-		return nil, "", fmt.Errorf("image: %w", err)
-	}
+	// An unusable copy in the image falls back to this machine's, as an absent one does.
 	if hb, hp, herr := boot.FindSystemdBoot(host); herr == nil {
 		return hb, "host:/" + hp, nil
+	}
+	if !errors.Is(err, boot.ErrNoSystemdBoot) {
+		return nil, "", fmt.Errorf("systemd-boot of the image: %w (and this machine has none)", err)
 	}
 	if espDir == "" {
 		return nil, "", fmt.Errorf("neither the image nor this machine has systemd-boot: %w", err)

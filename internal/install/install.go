@@ -168,9 +168,7 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 			os.Remove(t.Path) // a disk image this failed install created is garbage
 		}
 		if sg != nil {
-			if rerr := os.RemoveAll(sg.dir); rerr != nil {
-				err = errors.Join(err, fmt.Errorf("remove staging directory: %w", rerr))
-			}
+			err = errors.Join(err, sg.remove())
 		}
 		if res != nil {
 			res.Total = time.Since(st.start)
@@ -293,6 +291,9 @@ func ToDisk(ctx context.Context, targetPath string, opts Options) (res *Result, 
 	} else if err := syncDevice(t.Path); err != nil {
 		return res, err
 	}
+	if err := st.do("remove staging store", func() (string, error) { return "", sg.remove() }); err != nil {
+		return res, err
+	}
 	return res, nil
 }
 
@@ -308,9 +309,7 @@ func ToFilesystem(ctx context.Context, rootDir, espDir string, opts Options) (re
 	var sg *staged
 	defer func() {
 		if sg != nil {
-			if rerr := os.RemoveAll(sg.dir); rerr != nil {
-				err = errors.Join(err, fmt.Errorf("remove staging directory: %w", rerr))
-			}
+			err = errors.Join(err, sg.remove())
 		}
 		if res != nil {
 			res.Total = time.Since(st.start)
@@ -358,6 +357,9 @@ func ToFilesystem(ctx context.Context, rootDir, espDir string, opts Options) (re
 		return nil, err
 	}
 	if err := populate(ctx, st, rootDir, espDir, rootSpec, sg, opts); err != nil {
+		return res, err
+	}
+	if err := st.do("remove staging store", func() (string, error) { return "", sg.remove() }); err != nil {
 		return res, err
 	}
 	return res, nil
@@ -450,6 +452,7 @@ func populate(ctx context.Context, st *stepper, sysroot, espDir, rootSpec string
 	}); err != nil {
 		return err
 	}
+	sg.startRemove()
 
 	if err := deployImage(st, l, objects, espDir, rootSpec, img, sg.c, opts); err != nil {
 		return err

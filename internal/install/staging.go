@@ -34,6 +34,31 @@ type staged struct {
 	img        *oci.Image
 	c          *checked
 	storeBytes int64 // disk space its store takes
+
+	removing chan error // set once removal started
+}
+
+// startRemove removes the staging store in the background: once the
+// image is in the target's store, nothing reads it any more, and deleting
+// thousands of files then overlaps with the deployment's work.
+func (s *staged) startRemove() {
+	if s.removing != nil {
+		return
+	}
+	ch := make(chan error, 1)
+	s.removing = ch
+	go func() { ch <- os.RemoveAll(s.dir) }()
+}
+
+// remove removes the staging store (waiting for a removal in progress).
+func (s *staged) remove() error {
+	s.startRemove()
+	err := <-s.removing
+	s.removing <- err // a second call gets the same result
+	if err != nil {
+		return fmt.Errorf("remove staging directory %s: %w", s.dir, err)
+	}
+	return nil
 }
 
 func (s *staged) layout() store.Layout { return store.At(s.dir) }
