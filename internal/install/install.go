@@ -96,8 +96,9 @@ type Result struct {
 	Cmdline       string             `json:"cmdline"`
 	Root          string             `json:"root"` // root= value
 	ESPPartUUID   string             `json:"esp_partuuid,omitempty"`
-	Entry         string             `json:"entry"` // path of the boot entry on the ESP
-	Stub          string             `json:"stub"`  // where systemd-stub came from
+	Entry         string             `json:"entry"`                 // path of the boot entry on the ESP
+	Stub          string             `json:"stub"`                  // where systemd-stub came from
+	BootLoader    string             `json:"boot_loader,omitempty"` // where systemd-boot came from
 	InitrdPath    string             `json:"initrd_path"`
 	InitrdSize    int64              `json:"initrd_size"`
 	InitrdCached  bool               `json:"initrd_cached"`
@@ -529,7 +530,7 @@ func DeployImage(sysroot, espDir string, img *oci.Image, o DeployOptions) (*Resu
 		var err error
 		c, err = checkImage(l, img, checkOpts{
 			Kernel: opts.Kernel, InsecureNoVerity: opts.InsecureNoVerity, SkipKernelCheck: opts.SkipKernelCheck,
-			HostRoot: opts.HostRoot, Runtime: opts.Runtime,
+			HostRoot: opts.HostRoot, Runtime: opts.Runtime, ESP: espDir,
 		})
 		if err != nil {
 			return "", err
@@ -565,6 +566,11 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, espDir, 
 	}
 	tree, kver, rt := c.tree, c.kver, c.rt
 	res.Stub = c.stubFrom
+	// Keep the stub this deployment's UKI is built on, for images and machines without one
+	// later (bootfiles.go).
+	if err := keepStub(keptStubPath(l), c.stub); err != nil {
+		return err
+	}
 
 	var cr *deploy.CreateResult
 	if err := st.do("create deployment", func() (string, error) {
@@ -651,9 +657,11 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, espDir, 
 
 	if err := st.do("boot loader (systemd-boot, entry with "+fmt.Sprint(BootTries)+" tries)", func() (string, error) {
 		esp := boot.ESP{Dir: espDir}
-		if err := installSystemdBoot(esp, treeFS, hostFS(opts.HostRoot)); err != nil {
+		from, err := installBootLoader(esp, treeFS, hostFS(opts.HostRoot))
+		if err != nil {
 			return "", err
 		}
+		res.BootLoader = from
 		if err := esp.AddUKI(dep.ID, ukiPath, BootTries); err != nil {
 			return "", err
 		}
@@ -672,7 +680,7 @@ func deployImage(st *stepper, l store.Layout, objects *composefs.Store, espDir, 
 		if res.Entry == "" {
 			return "", fmt.Errorf("boot entry for %s not found on the ESP after adding it", dep.ID)
 		}
-		return res.Entry, nil
+		return res.Entry + ", systemd-boot from " + res.BootLoader, nil
 	}); err != nil {
 		return err
 	}
@@ -743,37 +751,6 @@ func atoi(s string) (int, bool) {
 		n = n*10 + int(c-'0')
 	}
 	return n, true
-}
-
-// findStub takes systemd-stub from the image, else from this machine
-// (host: its root, os.DirFS("/") unless a test points it elsewhere).
-func findStub(image, host fs.FS) ([]byte, string, error) {
-	b, p, err := uki.FindStub(image)
-	if err == nil {
-		return b, "image:/" + p, nil
-	}
-	if !errors.Is(err, uki.ErrNoStub) {
-		return nil, "", fmt.Errorf("image: %w", err)
-	}
-	b, p, herr := uki.FindStub(host)
-	if herr == nil {
-		return b, "host:/" + p, nil
-	}
-	return nil, "", fmt.Errorf("neither the image nor this machine has systemd-stub: %w", err)
-}
-
-// installSystemdBoot takes systemd-boot from the image, else from this
-// machine (host, as for findStub). The preflight's findSystemdBoot
-// checks the same sources beforehand.
-func installSystemdBoot(esp boot.ESP, image, host fs.FS) error {
-	err := esp.InstallSystemdBoot(image)
-	if err == nil {
-		return nil
-	}
-	if herr := esp.InstallSystemdBoot(host); herr == nil {
-		return nil
-	}
-	return err
 }
 
 // readKernel reads the kernel image of kver from the image tree.

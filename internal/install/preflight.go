@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/composefs"
 	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/initrd"
@@ -33,6 +32,7 @@ type checkOpts struct {
 	SkipKernelCheck  bool   // do not refuse a kernel by its version number (distribution backports)
 	Filesystem       string // root filesystem type for the kernel configuration check ("" = unknown)
 	HostRoot         string // this machine's root for systemd-stub/systemd-boot fallbacks ("" = "/")
+	ESP              string // the ESP whose systemd-boot stays when image and host have none ("" = a new ESP)
 	Runtime          *runtime.Set
 }
 
@@ -42,7 +42,7 @@ type checked struct {
 	kver         string
 	linux        []byte // the kernel image
 	stub         []byte
-	stubFrom     string // "image:/…" or "host:/…"
+	stubFrom     string // "image:/…", "host:/…" or "kept:…" (bootfiles.go)
 	bootFrom     string // where systemd-boot comes from, likewise
 	bootSize     int64
 	osrel        []byte
@@ -108,11 +108,11 @@ func checkImage(l store.Layout, img *oci.Image, o checkOpts) (*checked, error) {
 		return nil, err
 	}
 	host := hostFS(o.HostRoot)
-	if c.stub, c.stubFrom, err = findStub(treeFS, host); err != nil {
+	if c.stub, c.stubFrom, err = findStubCarried(l, treeFS, host); err != nil {
 		return nil, err
 	}
 	var bootBin []byte
-	if bootBin, c.bootFrom, err = findSystemdBoot(treeFS, host); err != nil {
+	if bootBin, c.bootFrom, err = findBootLoader(o.ESP, treeFS, host); err != nil {
 		return nil, err
 	}
 	c.bootSize = int64(len(bootBin))
@@ -120,22 +120,6 @@ func checkImage(l store.Layout, img *oci.Image, o checkOpts) (*checked, error) {
 		return nil, fmt.Errorf("initramfs for kernel %s: %w", c.kver, err)
 	}
 	return c, nil
-}
-
-// findSystemdBoot is where installSystemdBoot takes systemd-boot from:
-// the image, else (also when the image's copy is unusable) this machine.
-func findSystemdBoot(image, host fs.FS) ([]byte, string, error) {
-	b, p, err := boot.FindSystemdBoot(image)
-	if err == nil {
-		return b, "image:/" + p, nil
-	}
-	if b, p, herr := boot.FindSystemdBoot(host); herr == nil {
-		return b, "host:/" + p, nil
-	}
-	if !errors.Is(err, boot.ErrNoSystemdBoot) {
-		return nil, "", fmt.Errorf("systemd-boot of the image: %w (and this machine has none)", err)
-	}
-	return nil, "", fmt.Errorf("neither the image nor this machine has systemd-boot: %w", err)
 }
 
 // initrdFor returns berth's initramfs for kernel kver of the image: from

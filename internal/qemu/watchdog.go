@@ -45,6 +45,8 @@ type Watchdog struct {
 	fired  bool
 }
 
+// A nil *Watchdog watches nothing: every method is a no-op (a VM without a bound).
+
 // NewWatchdog starts counting now; kill is called once, from another goroutine, when the
 // console has been silent for bound.
 func NewWatchdog(bound time.Duration, kill func()) *Watchdog {
@@ -70,6 +72,9 @@ func (w *Watchdog) expire() {
 
 // Write records console output.
 func (w *Watchdog) Write(p []byte) (int, error) {
+	if w == nil {
+		return len(p), nil
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.last = time.Now()
@@ -82,6 +87,9 @@ func (w *Watchdog) Write(p []byte) (int, error) {
 
 // Kick records console activity whose bytes are kept elsewhere (a partial line, say).
 func (w *Watchdog) Kick() {
+	if w == nil {
+		return
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.last = time.Now()
@@ -89,6 +97,9 @@ func (w *Watchdog) Kick() {
 
 // Pause stops counting: the guest is driven by other means (SSH) and may be quiet.
 func (w *Watchdog) Pause() {
+	if w == nil {
+		return
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.paused = true
@@ -97,6 +108,9 @@ func (w *Watchdog) Pause() {
 
 // Resume counts again, from now.
 func (w *Watchdog) Resume() {
+	if w == nil {
+		return
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !w.paused || w.fired {
@@ -112,6 +126,9 @@ func (w *Watchdog) Stop() { w.Pause() }
 
 // Err is a *SilentError if the watchdog killed the guest, else nil.
 func (w *Watchdog) Err() error {
+	if w == nil {
+		return nil
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !w.fired {
@@ -122,6 +139,9 @@ func (w *Watchdog) Err() error {
 
 // Tail returns the last n lines of the console output seen.
 func (w *Watchdog) Tail(n int) string {
+	if w == nil {
+		return ""
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return lastLines(string(w.tail), n)

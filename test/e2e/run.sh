@@ -52,7 +52,7 @@ case $mode in
     fi
     # Images: cached by recipe hash, so this is quick after the first run.
     go run -tags "$tags" ./test/e2e/cmd/mkguest -recipe all
-    gotest "${E2E_RUN:-TestMkosi|TestTrixie|TestVariant|TestUpdate|TestLocalChanges}" 85m
+    gotest "${E2E_RUN:-TestMkosi|TestTrixie|TestVariant|TestUpdate|TestLocalChanges|TestBookworm|TestBootc|TestKernelRefusals|TestTwoKernels}" 85m
     ;;
   harness)
     gotest "TestHarness" 40m

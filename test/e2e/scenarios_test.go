@@ -75,13 +75,36 @@ type guest struct {
 	install time.Duration
 	// kernel start → switch-root of the last persistent direct boot with berth's initramfs
 	berthSwitchRoot time.Duration
+	// console: the guest has no SSH server; commands go through the serial console
+	// (harness/console.go).
+	console bool
+}
+
+// run runs a guest command over SSH or, for a console guest, on the serial console.
+func (g *guest) run(cmd string, timeout time.Duration) (harness.SSHResult, error) {
+	if !g.console {
+		return g.vm.Run(context.Background(), timeout, cmd)
+	}
+	out, errOut, rc, err := g.vm.ConsoleRun(cmd, timeout)
+	res := harness.SSHResult{Stdout: out, Stderr: errOut, ExitCode: rc}
+	if err != nil {
+		return res, err
+	}
+	if rc != 0 {
+		return res, fmt.Errorf("console %q: exit %d: %s", cmd, rc, strings.TrimSpace(errOut))
+	}
+	return res, nil
 }
 
 func (g *guest) stop(t *testing.T) {
 	if g.vm == nil {
 		return
 	}
-	if err := g.vm.Poweroff(context.Background(), poweroffTimeout); err != nil {
+	poweroff := func() error { return g.vm.Poweroff(context.Background(), poweroffTimeout) }
+	if g.console {
+		poweroff = func() error { return g.vm.ConsolePoweroff(poweroffTimeout) }
+	}
+	if err := poweroff(); err != nil {
 		t.Errorf("%v\n%s", err, g.vm.Logs(30))
 	}
 	g.vm = nil
@@ -106,9 +129,14 @@ func (g *guest) bootRetry(t *testing.T, o harness.BootOptions) *harness.VM {
 		if err != nil {
 			t.Fatal(err)
 		}
-		at, err := vm.WaitSSH(context.Background(), sshTimeout)
+		var at time.Duration
+		if g.console {
+			at, err = vm.ConsoleLogin(sshTimeout)
+		} else {
+			at, err = vm.WaitSSH(context.Background(), sshTimeout)
+		}
 		if err == nil {
-			t.Logf("%s: SSH after %.1f s", o.Label, at.Seconds())
+			t.Logf("%s: logged in after %.1f s", o.Label, at.Seconds())
 			return vm
 		}
 		if errors.Is(err, harness.ErrKernelPanic) && attempt <= 2 {
@@ -149,7 +177,7 @@ func withArgs(cmdline string, args ...string) string {
 // broken SSH connection is fatal.
 func (g *guest) check(t *testing.T, what, cmd string) string {
 	t.Helper()
-	res, err := g.vm.Run(context.Background(), 2*time.Minute, cmd)
+	res, err := g.run(cmd, 2*time.Minute)
 	if err != nil && (res.ExitCode == 255 || res.ExitCode < 0 || res.ExitCode == 124 || res.ExitCode == 137) {
 		failWithLogs(t, g.vm, "guest %s: %v", g.name, err)
 	}
@@ -162,11 +190,11 @@ func (g *guest) check(t *testing.T, what, cmd string) string {
 // must runs a guest command and fails the test (with logs) if it fails.
 func (g *guest) must(t *testing.T, cmd string) string {
 	t.Helper()
-	out, err := g.vm.SSH(context.Background(), cmd)
+	res, err := g.run(cmd, 2*time.Minute)
 	if err != nil {
 		failWithLogs(t, g.vm, "guest %s: %v", g.name, err)
 	}
-	return out
+	return res.Stdout
 }
 
 // installGuest installs an image with berth onto a fresh disk image, with extra
@@ -230,7 +258,11 @@ func (g *guest) scenarioBoot(t *testing.T) bool {
 	return step(t, g.name+"/1-boot", func(t *testing.T) {
 		vm := g.bootRetry(t, harness.BootOptions{Label: "1-uefi", Timeout: bootTimeout})
 		g.vm = vm
-		lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", vm.SSHUpAt, "qemu start → first SSH login (TCG)")
+		if g.console {
+			lane.summary.Add(g.name+"/1-boot/uefi-to-console-login", "INFO", vm.ConsoleUpAt, "qemu start → root shell on the serial console (TCG)")
+		} else {
+			lane.summary.Add(g.name+"/1-boot/uefi-to-ssh", "INFO", vm.SSHUpAt, "qemu start → first SSH login (TCG)")
+		}
 		if _, err := vm.WaitSerial(regexp.MustCompile(`login:`), 30*time.Second); err == nil {
 			for _, l := range vm.Lines() {
 				if strings.Contains(l.Text, "login:") {

@@ -17,17 +17,48 @@ import (
 	"github.com/berth-dev/berth/internal/fsutil"
 )
 
-// Recipe names one guest image of the lane: a package list under test/guest.
+// Recipe names one guest image of the lane: a package list under test/guest, the Debian
+// suite, extra apt sources and a customize hook. All of it is in the recipe hash
+// (build-rootfs.sh), so changing any part rebuilds the image.
 type Recipe struct {
-	Name     string // cache name: <CacheDir>/<Name>-rootfs, images/<Name>-<hash>.oci.tar
-	Packages string // package list file, relative to test/guest
+	Name     string   // cache name: <CacheDir>/<Name>-rootfs, images/<Name>-<hash>.oci.tar
+	Packages string   // package list file, relative to test/guest
+	Suite    string   // Debian suite; "" = trixie
+	Sources  []string // extra apt source lines for the build (e.g. backports)
+	Hook     string   // customize hook script in test/guest, run with the rootfs as $1
 }
 
-// The two guest images of the lane.
+// The guest images of the lane.
 var (
 	Trixie  = Recipe{Name: "trixie", Packages: "packages.txt"}
 	Variant = Recipe{Name: "trixie-variant", Packages: "packages-variant.txt"}
+	// Bookworm is Debian 12 (systemd 252) with its stock 6.1 kernel and the 6.12 kernel of
+	// bookworm-backports; berth boots the newest.
+	Bookworm = Recipe{Name: "bookworm", Packages: "packages-bookworm.txt", Suite: "bookworm",
+		Sources: []string{"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main"},
+		Hook:    "hook-bookworm.sh"}
+	// Bootc is a bootc-style trixie: kernel only in /usr/lib/modules, empty /boot, no
+	// initramfs generator, no systemd-boot-efi, no SSH server.
+	Bootc = Recipe{Name: "trixie-bootc", Packages: "packages-bootc.txt", Hook: "hook-bootc.sh"}
+	// TwoKernel is trixie with two kernel flavours.
+	TwoKernel = Recipe{Name: "trixie-twokernel", Packages: "packages-twokernel.txt"}
+	// AllRecipes is what `mkguest -recipe all` builds.
+	AllRecipes = []Recipe{Trixie, Variant, Bookworm, Bootc, TwoKernel}
 )
+
+// suite is the recipe's Debian suite.
+func (r Recipe) suite() string {
+	if r.Suite == "" {
+		return "trixie"
+	}
+	return r.Suite
+}
+
+// env is the build-rootfs.sh environment of the recipe.
+func (r Recipe) env() []string {
+	env := append(os.Environ(), "SUITE="+r.suite(), "SOURCES="+strings.Join(r.Sources, "\n"), "HOOK="+r.Hook)
+	return env
+}
 
 // GuestImage is a built guest: its root filesystem directory and its OCI archive.
 type GuestImage struct {
@@ -47,9 +78,21 @@ func (g *GuestImage) Kernel() (string, error) { return KernelVersion(g.Rootfs) }
 
 // KernelVersion returns the one kernel version under rootfs/usr/lib/modules.
 func KernelVersion(rootfs string) (string, error) {
+	kvers, err := KernelVersions(rootfs)
+	if err != nil {
+		return "", err
+	}
+	if len(kvers) != 1 {
+		return "", fmt.Errorf("find kernel in %s: want one kernel, found %v", rootfs, kvers)
+	}
+	return kvers[0], nil
+}
+
+// KernelVersions returns the kernel version directories under rootfs/usr/lib/modules, sorted.
+func KernelVersions(rootfs string) ([]string, error) {
 	ents, err := os.ReadDir(filepath.Join(rootfs, "usr/lib/modules"))
 	if err != nil {
-		return "", fmt.Errorf("find kernel in %s: %w", rootfs, err)
+		return nil, fmt.Errorf("find kernel in %s: %w", rootfs, err)
 	}
 	var kvers []string
 	for _, e := range ents {
@@ -57,10 +100,7 @@ func KernelVersion(rootfs string) (string, error) {
 			kvers = append(kvers, e.Name())
 		}
 	}
-	if len(kvers) != 1 {
-		return "", fmt.Errorf("find kernel in %s: want one kernel, found %v", rootfs, kvers)
-	}
-	return kvers[0], nil
+	return kvers, nil
 }
 
 // RepoRoot finds the berth source tree (the directory with go.mod) from the working
@@ -124,7 +164,9 @@ func EnsureRootfs(ctx context.Context, r Recipe, log io.Writer) (rootfs, hash st
 	}
 	script := filepath.Join(src, "test/guest/build-rootfs.sh")
 	pkgs := filepath.Join(src, "test/guest", r.Packages)
-	out, err := exec.CommandContext(ctx, "bash", script, "--hash", pkgs).Output()
+	hc := exec.CommandContext(ctx, "bash", script, "--hash", pkgs)
+	hc.Env = r.env()
+	out, err := hc.Output()
 	if err != nil {
 		return "", "", fmt.Errorf("recipe hash of %s: %w", r.Name, err)
 	}
@@ -139,6 +181,7 @@ func EnsureRootfs(ctx context.Context, r Recipe, log io.Writer) (rootfs, hash st
 	// mmdebstrap of a trixie rootfs takes ~90 s here; 30 minutes covers a slow mirror.
 	cmd := exec.CommandContext(ctx, "timeout", "-k", "10", "1800", "bash", script, rootfs, pkgs)
 	cmd.Stdout, cmd.Stderr = log, log
+	cmd.Env = r.env()
 	if err := cmd.Run(); err != nil {
 		return "", "", fmt.Errorf("build guest rootfs %s: %w", r.Name, err)
 	}
@@ -174,7 +217,7 @@ func EnsureImage(ctx context.Context, r Recipe, log io.Writer) (*GuestImage, err
 		Skip:    []string{".recipe"},
 		Labels: map[string]string{
 			"org.opencontainers.image.title":       "berth e2e guest " + r.Name,
-			"org.opencontainers.image.description": "standard Debian trixie (" + strings.Join(pkgs, " ") + ")",
+			"org.opencontainers.image.description": "standard Debian " + r.suite() + " (" + strings.Join(pkgs, " ") + ")",
 			"dev.berth.e2e.recipe":                 hash,
 		},
 	})

@@ -128,6 +128,8 @@ type VM struct {
 	QemuLog string
 	TPMLog  string
 	SSHUpAt time.Duration // qemu start → first successful SSH login (set by WaitSSH)
+	// qemu start → root shell on the serial console (set by ConsoleLogin)
+	ConsoleUpAt time.Duration
 
 	cmd    *exec.Cmd
 	swtpm  *exec.Cmd
@@ -137,6 +139,9 @@ type VM struct {
 	mu     sync.Mutex
 	lines  []SerialLine
 	notify chan struct{}
+	stdin  io.WriteCloser // the serial console's input (console.go)
+	con    sync.Mutex     // one console session command at a time
+	conN   int
 }
 
 // SerialLine is one console line with its time since qemu started.
@@ -224,8 +229,12 @@ func (m *Machine) Boot(ctx context.Context, o BootOptions) (*VM, error) {
 	// Own process group (Kill takes qemu and timeout together); SIGTERM when the test process
 	// dies, which timeout forwards to qemu, so a killed run leaves no VM behind.
 	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	v.cmd.Stdin = nil
 	v.cmd.Stderr = qlog
+	// The serial port's input: ConsoleRun types into it (console.go).
+	if v.stdin, err = v.cmd.StdinPipe(); err != nil {
+		v.killSwtpm()
+		return nil, err
+	}
 	stdout, err := v.cmd.StdoutPipe()
 	if err != nil {
 		v.killSwtpm()
@@ -370,15 +379,21 @@ func (v *VM) Lines() []SerialLine {
 // WaitSerial waits until a console line matches re and returns it. It fails when qemu
 // exits first or timeout passes.
 func (v *VM) WaitSerial(re *regexp.Regexp, timeout time.Duration) (SerialLine, error) {
+	_, l, err := v.waitSerialFrom(0, re, timeout)
+	return l, err
+}
+
+// waitSerialFrom is WaitSerial from console line number seen on; it also returns the
+// matching line's number.
+func (v *VM) waitSerialFrom(seen int, re *regexp.Regexp, timeout time.Duration) (int, SerialLine, error) {
 	deadline := time.After(timeout)
-	seen := 0
 	for {
 		v.mu.Lock()
 		lines, notify := v.lines, v.notify
 		v.mu.Unlock()
 		for ; seen < len(lines); seen++ {
 			if re.MatchString(lines[seen].Text) {
-				return lines[seen], nil
+				return seen, lines[seen], nil
 			}
 		}
 		select {
@@ -391,11 +406,11 @@ func (v *VM) WaitSerial(re *regexp.Regexp, timeout time.Duration) (SerialLine, e
 				continue
 			}
 			if err := v.Silent(); err != nil {
-				return SerialLine{}, fmt.Errorf("%s: waiting for %q: %w", v.Label, re, err)
+				return seen, SerialLine{}, fmt.Errorf("%s: waiting for %q: %w", v.Label, re, err)
 			}
-			return SerialLine{}, fmt.Errorf("%s: qemu exited before the console showed %q", v.Label, re)
+			return seen, SerialLine{}, fmt.Errorf("%s: qemu exited before the console showed %q", v.Label, re)
 		case <-deadline:
-			return SerialLine{}, fmt.Errorf("%s: console did not show %q within %s", v.Label, re, timeout)
+			return seen, SerialLine{}, fmt.Errorf("%s: console did not show %q within %s", v.Label, re, timeout)
 		}
 	}
 }

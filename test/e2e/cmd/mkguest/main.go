@@ -2,7 +2,7 @@
 // test/guest (mmdebstrap, cached by recipe hash) packed as a multi-layer oci-archive.
 // It prints one line per image: name, archive path, manifest digest.
 //
-//	mkguest [-recipe trixie|trixie-variant|all] [-rootfs DIR -out FILE]
+//	mkguest [-recipe NAME|all] [-rootfs DIR -out FILE]
 package main
 
 import (
@@ -11,13 +11,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/berth-dev/berth/test/e2e/harness"
 )
 
 func main() {
-	recipe := flag.String("recipe", "trixie", "guest recipe: trixie, trixie-variant or all")
+	recipe := flag.String("recipe", "trixie", "guest recipe: "+names()+" or all")
 	rootfs := flag.String("rootfs", "", "pack this root filesystem directory instead of a recipe")
 	out := flag.String("out", "", "with -rootfs: the oci-archive to write")
 	flag.Parse()
@@ -27,6 +28,14 @@ func main() {
 		fmt.Fprintln(os.Stderr, "mkguest:", err)
 		os.Exit(1)
 	}
+}
+
+func names() string {
+	var n []string
+	for _, r := range harness.AllRecipes {
+		n = append(n, r.Name)
+	}
+	return strings.Join(n, ", ")
 }
 
 func run(ctx context.Context, recipe, rootfs, out string) error {
@@ -42,15 +51,13 @@ func run(ctx context.Context, recipe, rootfs, out string) error {
 		return nil
 	}
 	var recipes []harness.Recipe
-	switch recipe {
-	case "trixie":
-		recipes = []harness.Recipe{harness.Trixie}
-	case "trixie-variant":
-		recipes = []harness.Recipe{harness.Variant}
-	case "all":
-		recipes = []harness.Recipe{harness.Trixie, harness.Variant}
-	default:
-		return fmt.Errorf("unknown recipe %q (trixie, trixie-variant, all)", recipe)
+	for _, r := range harness.AllRecipes {
+		if recipe == "all" || recipe == r.Name {
+			recipes = append(recipes, r)
+		}
+	}
+	if len(recipes) == 0 {
+		return fmt.Errorf("unknown recipe %q (%s, all)", recipe, names())
 	}
 	for _, r := range recipes {
 		g, err := harness.EnsureImage(ctx, r, os.Stderr)
