@@ -14,7 +14,7 @@ DESTDIR   ?=
 STATICCHECK_VERSION := v0.8.2
 
 BINARIES := berth berthd berth-init
-.PHONY: all build test guest unit roundtrip-usr lint fuzz e2e check bench install deps demo vm man clean
+.PHONY: all build test guest unit roundtrip-usr lint fuzz e2e check bench bench-initramfs install deps demo vm man clean
 
 all: build
 
@@ -62,6 +62,11 @@ e2e: build
 	test/e2e/run.sh
 
 check: deps test e2e
+
+## bench-initramfs: the VM lane's trixie scenarios with the berth vs dracut initramfs
+## comparison at 3 boots per side (make check boots each side once); opt-in, ~10 min more.
+bench-initramfs: build
+	BERTH_E2E_SIDEBYSIDE_BOOTS=3 E2E_RUN=TestTrixie test/e2e/run.sh
 
 ## bench: benchmarks that compare side by side and print ratios.
 bench: build
