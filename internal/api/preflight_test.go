@@ -15,6 +15,7 @@ import (
 	"github.com/berth-dev/berth/internal/install"
 	"github.com/berth-dev/berth/internal/oci"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // recordingJob is a JobContext that remembers the deployments it was told of.
@@ -69,9 +70,7 @@ func oldKernelImage(t *testing.T) map[string][]byte {
 // list, the deployments' files and the ESP stay as they were, and no
 // deployment is journalled.
 func TestUpgradeToTooOldKernelLeavesDeploymentsUntouched(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: deploy.Create gives the deployment root's ownership")
-	}
+	testenv.RequireRoot(t, "deploy.Create gives the deployment root's ownership")
 	if testing.Short() {
 		t.Skip("builds berth and berth-init")
 	}

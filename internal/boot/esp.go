@@ -100,7 +100,7 @@ func FindSystemdBoot(root fs.FS) ([]byte, string, error) {
 	arch := uki.EFIArch()
 	for _, dir := range uki.StubDirs {
 		for _, name := range []string{"systemd-boot" + arch + ".efi.signed", "systemd-boot" + arch + ".efi"} {
-			b, err := readRegularFS(root, dir+"/"+name, 16<<20)
+			b, err := fsutil.ReadFileFS(root, dir+"/"+name, 16<<20)
 			if errors.Is(err, fs.ErrNotExist) {
 				continue
 			}
@@ -178,24 +178,6 @@ func isSystemdBootOrMissing(path string) bool {
 	}
 	magic, err := uki.ReadSectionFile(path, ".sdmagic", 4096)
 	return err == nil && strings.Contains(string(magic), "systemd-boot")
-}
-
-func readRegularFS(fsys fs.FS, name string, limit int64) ([]byte, error) {
-	fi, err := fs.Stat(fsys, name)
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() || fi.Size() > limit {
-		return nil, fmt.Errorf("not a regular file of at most %d bytes", limit)
-	}
-	b, err := fs.ReadFile(fsys, name)
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("more than %d bytes", limit)
-	}
-	return b, nil
 }
 
 func writeString(s string) func(io.Writer) error {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/berth-dev/berth/internal/boot"
 	"github.com/berth-dev/berth/internal/store"
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // bootFilesFS is a tree with systemd-stub and systemd-boot at Debian's paths.
@@ -39,13 +40,15 @@ func useStub(l store.Layout, image, host fstest.MapFS) ([]byte, string, error) {
 // with the stub berth kept from the previous deployment and the systemd-boot already on
 // the ESP; with nothing kept it fails and says so.
 func TestBootFilesCarriedForwardWhenImageAndHostHaveNone(t *testing.T) {
+	testenv.RequireFile(t, hostStub, "systemd-boot-efi")
+	testenv.RequireFile(t, hostBoot, "systemd-boot-efi")
 	stub, err := os.ReadFile(hostStub)
 	if err != nil {
-		t.Skipf("host has no %s (Debian package systemd-boot-efi): %v", hostStub, err)
+		t.Fatal(err)
 	}
 	sdboot, err := os.ReadFile(hostBoot)
 	if err != nil {
-		t.Skipf("host has no %s: %v", hostBoot, err)
+		t.Fatal(err)
 	}
 	tmp := t.TempDir()
 	l := store.At(filepath.Join(tmp, "sysroot"))

@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -756,7 +755,7 @@ func atoi(s string) (int, bool) {
 // readKernel reads the kernel image of kver from the image tree.
 func readKernel(fsys fs.FS, kver string) ([]byte, error) {
 	for _, p := range []string{"usr/lib/modules/" + kver + "/vmlinuz", "lib/modules/" + kver + "/vmlinuz", "boot/vmlinuz-" + kver} {
-		b, err := readLimited(fsys, p, 512<<20)
+		b, err := fsutil.ReadFileFS(fsys, p, 512<<20)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -766,32 +765,6 @@ func readKernel(fsys fs.FS, kver string) ([]byte, error) {
 		return b, nil
 	}
 	return nil, fmt.Errorf("kernel %s: no vmlinuz in the image", kver)
-}
-
-func readLimited(fsys fs.FS, name string, limit int64) ([]byte, error) {
-	fi, err := fs.Stat(fsys, name)
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", name)
-	}
-	if fi.Size() > limit {
-		return nil, fmt.Errorf("%s is %d bytes, more than %d", name, fi.Size(), limit)
-	}
-	f, err := fsys.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%s grew beyond %d bytes", name, limit)
-	}
-	return b, nil
 }
 
 // installSSHKeys writes root's authorized_keys into the shared /root

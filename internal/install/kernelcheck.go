@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/berth-dev/berth/internal/fsutil"
 	"github.com/berth-dev/berth/internal/oci"
 )
 
@@ -263,7 +264,7 @@ func checkKernelConfig(fsys fs.FS, kver string, verity bool, rootFS string) erro
 	var cfg []byte
 	var from string
 	for _, p := range kernelConfigPaths(kver) {
-		b, err := readLimited(fsys, p, 4<<20)
+		b, err := fsutil.ReadFileFS(fsys, p, 4<<20)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}

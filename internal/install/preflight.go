@@ -78,9 +78,9 @@ func checkImage(l store.Layout, img *oci.Image, o checkOpts) (*checked, error) {
 	}
 	c.tree = tree
 	treeFS := composefs.TreeFS(tree, l.Objects())
-	c.osrel, _ = readLimited(treeFS, "etc/os-release", 64<<10)
+	c.osrel, _ = fsutil.ReadFileFS(treeFS, "etc/os-release", 64<<10)
 	if c.osrel == nil {
-		c.osrel, _ = readLimited(treeFS, "usr/lib/os-release", 64<<10)
+		c.osrel, _ = fsutil.ReadFileFS(treeFS, "usr/lib/os-release", 64<<10)
 	}
 	osrel := parseOSRelease(c.osrel)
 

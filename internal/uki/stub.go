@@ -6,10 +6,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"runtime"
+
+	"github.com/berth-dev/berth/internal/fsutil"
 )
 
 // EFIArch maps GOARCH to the EFI architecture suffix systemd uses in file
@@ -46,7 +47,7 @@ const maxStubSize = 16 << 20
 func FindStub(root fs.FS) ([]byte, string, error) {
 	for _, dir := range StubDirs {
 		name := dir + "/linux" + EFIArch() + ".efi.stub"
-		b, err := readRegular(root, name, maxStubSize)
+		b, err := fsutil.ReadFileFS(root, name, maxStubSize)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -59,34 +60,6 @@ func FindStub(root fs.FS) ([]byte, string, error) {
 		return b, name, nil
 	}
 	return nil, "", ErrNoStub
-}
-
-// readRegular reads a regular file from fsys, refusing anything else and
-// anything larger than limit.
-func readRegular(fsys fs.FS, name string, limit int64) ([]byte, error) {
-	fi, err := fs.Stat(fsys, name)
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
-	}
-	if fi.Size() > limit {
-		return nil, fmt.Errorf("%d bytes, more than the %d-byte limit", fi.Size(), limit)
-	}
-	f, err := fsys.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("more than the %d-byte limit", limit)
-	}
-	return b, nil
 }
 
 // LoadSigner reads a PEM private key (PKCS#1 or PKCS#8, RSA) and a PEM

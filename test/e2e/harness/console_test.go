@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testenv"
 )
 
 // TestConsoleSessionReturnsExactOutputAndExitCode drives the console protocol against a
@@ -12,9 +14,7 @@ import (
 // byte (quotes, tabs, '!' and no trailing newline included), stderr apart, with the exit code,
 // and the shell's noise (here "root: command not found") is not taken for output.
 func TestConsoleSessionReturnsExactOutputAndExitCode(t *testing.T) {
-	if _, err := exec.LookPath("bash"); err != nil {
-		t.Skip("no bash")
-	}
+	testenv.RequireTool(t, "bash", "bash")
 	v := &VM{m: &Machine{Name: "fake"}, Label: "fake-console", done: make(chan struct{}), notify: make(chan struct{}), Started: time.Now()}
 	cmd := exec.Command("bash", "--norc", "--noprofile", "-s")
 	in, err := cmd.StdinPipe()
